@@ -1,0 +1,360 @@
+"""The one config system: typed dataclasses, loaded from YAML, overridden as ``key.sub=value``.
+
+A YAML file may name another with ``base: other.yaml`` (resolved relative to the file); the file's
+own keys are merged over the base recursively. Unknown keys and values of the wrong type are
+one-line :class:`ConfigError` s that name the key and suggest the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RPNConfig:
+    """Region proposal network."""
+
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per P2..P6
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    head_convs: int = 1
+    pre_nms_top_n_train: int = 2000
+    post_nms_top_n_train: int = 1000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+
+
+@dataclass
+class RoIConfig:
+    """RoI heads (box, mask, keypoint) and their pooler."""
+
+    pooler: str = "roialign"  # roialign | prroi
+    box_head: str = "2fc"  # 2fc | 4conv1fc
+    box_head_dim: int = 1024
+    box_conv_dim: int = 256
+    box_pool_size: int = 7
+    mask_pool_size: int = 14
+    mask_head_convs: int = 4
+    mask_head_dim: int = 256
+    keypoint_pool_size: int = 14
+    keypoint_head_convs: int = 8
+    keypoint_head_dim: int = 512
+    sampling_ratio: int = 2  # RoIAlign only; PrRoIPool integrates exactly
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+
+
+@dataclass
+class ModelConfig:
+    """Detector architecture."""
+
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
+    weights: str = ""  # local path to ImageNet weights for the backbone; never downloaded
+    norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN and heads alike
+    trainable_layers: int = 5  # ResNet stages trained (0-5); frozen stages have no gradient
+    fpn_channels: int = 256
+    num_classes: int = 7  # foreground categories, background excluded
+    mask_on: bool = False
+    keypoint_on: bool = False
+    num_keypoints: int = 17
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+
+
+@dataclass
+class SynthConfig:
+    """The embedded synthetic dataset (``megdet data synth``)."""
+
+    num_train: int = 1000
+    num_val: int = 200
+    image_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the COCO-format data is and how it is loaded.
+
+    Images of split S are read from ``root/S`` (or ``image_dir_S``-style overrides below) and
+    annotations from ``root/annotations/instances_S.json`` and ``person_keypoints_S.json``.
+    Real COCO 2017: ``root=/data/coco train_split=train2017 val_split=val2017``.
+    """
+
+    root: str = "datasets/synth"
+    train_split: str = "train"
+    val_split: str = "val"
+    images_per_device: int = 2
+    num_workers: int = 2
+    min_size_train: list[int] = field(default_factory=lambda: [224, 256, 288])
+    max_size_train: int = 480
+    min_size_test: int = 256
+    max_size_test: int = 480
+    flip_prob: float = 0.5
+    size_divisibility: int = 32
+    aspect_ratio_grouping: bool = True
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class SolverConfig:
+    """Optimiser and the large learning-rate policy.
+
+    The lr used is ``base_lr * global_batch / reference_batch`` (linear scaling), where
+    global_batch = world size x data.images_per_device x train.grad_accum_steps.
+    """
+
+    base_lr: float = 0.02
+    reference_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # norm weights and all biases (Goyal et al.)
+    epochs: float = 12.0
+    policy: str = "step"  # step | cosine
+    decay_epochs: list[float] = field(default_factory=lambda: [8.0, 11.0])
+    decay_factors: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.5])  # MegDet: /10, /10, /2
+    warmup: bool = True
+    warmup_factor: float = 0.001  # warmup starts at this fraction of the scaled lr
+    warmup_iters: int = -1  # -1: derived from the global batch (engine/lr_policy.py documents the rule)
+    min_lr_factor: float = 0.0  # cosine floor, as a fraction of the scaled lr
+
+
+@dataclass
+class TrainConfig:
+    """The training run."""
+
+    out_dir: str = "runs/train"
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    amp: str = "off"  # off | bf16 | fp16
+    sublinear_memory: str = "off"  # off | stages | blocks: granularity of activation recomputation
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    grad_accum_steps: int = 1
+    checkpoint_period: int = 500  # iterations
+    keep_checkpoints: int = 3
+    log_period: int = 20
+    max_iters: int = -1  # -1: from solver.epochs; a positive value overrides (for short runs)
+
+
+@dataclass
+class TTAConfig:
+    """Test-time augmentation."""
+
+    min_sizes: list[int] = field(default_factory=lambda: [224, 256, 320])
+    flip: bool = True
+    box_merge: str = "vote"  # nms | vote
+
+
+@dataclass
+class TestConfig:
+    """Evaluation and inference."""
+
+    eval_period: int = 0  # iterations; 0: only at the end
+    images_per_device: int = 4
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    max_images: int = -1  # -1: the whole split
+
+
+@dataclass
+class Config:
+    """The whole configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, merging, overriding
+# --------------------------------------------------------------------------------------------------
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and converts what converts without loss."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value] if not isinstance(value, (dict, str)) or item_tp is str else value
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    raise ConfigError(f"config key '{key}': unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(k, names)}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(path.parent / str(base), seen + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Splits ``key.sub=value`` into its key path and its YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    cur = data
+    for p in path[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Builds a validated :class:`Config` from a (possibly partial) nested mapping."""
+    return _build(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Loads a YAML config (following ``base:``), applies ``key.sub=value`` overrides, validates."""
+    data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _check_path(keys)
+        _set_path(data, keys, value)
+    return config_from_dict(data)
+
+
+def _check_path(keys: list[str]) -> None:
+    cls: Any = Config
+    for i, k in enumerate(keys):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{'.'.join(keys)}': '{'.'.join(keys[:i])}' has no sub-keys")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if k not in names:
+            raise ConfigError(f"unknown config key '{'.'.join(keys)}'{_suggest(k, names)}")
+        cls = typing.get_type_hints(cls)[k]
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (YAML- and checkpoint-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
