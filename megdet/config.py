@@ -199,9 +199,9 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 
 
-def _suggest(name: str, options: typing.Iterable[str]) -> str:
+def _suggest(name: str, options: typing.Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -243,6 +243,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -263,7 +268,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for k, v in data.items():
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(k, names)}")
+            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(k, names, prefix)}")
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kwargs)
 
@@ -346,7 +351,8 @@ def _check_path(keys: list[str]) -> None:
             raise ConfigError(f"unknown config key '{'.'.join(keys)}': '{'.'.join(keys[:i])}' has no sub-keys")
         names = [f.name for f in dataclasses.fields(cls)]
         if k not in names:
-            raise ConfigError(f"unknown config key '{'.'.join(keys)}'{_suggest(k, names)}")
+            prefix = ".".join(keys[:i]) + "." if i else ""
+            raise ConfigError(f"unknown config key '{'.'.join(keys)}'{_suggest(k, names, prefix)}")
         cls = typing.get_type_hints(cls)[k]
 
 

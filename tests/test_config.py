@@ -1,0 +1,91 @@
+"""The config system: YAML loading, `base:` inheritance, overrides, and its one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from megdet.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_round_trip_through_dict_and_yaml(tmp_path: Path) -> None:
+    cfg = Config()
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_base_inheritance_merges_recursively(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("model:\n  backbone: resnet50\n  rpn:\n    nms_thresh: 0.6\nsolver:\n  base_lr: 0.01\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  rpn:\n    head_convs: 2\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.model.rpn.nms_thresh == 0.6 and cfg.model.rpn.head_convs == 2
+    assert cfg.solver.base_lr == 0.01
+
+
+def test_overrides_convert_types(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=resnet101",
+            "solver.base_lr=1e-3",
+            "solver.epochs=3",
+            "model.mask_on=true",
+            "data.min_size_train=[200,300]",
+            "data.min_size_test=320",
+            "model.rpn.aspect_ratios=1",
+        ],
+    )
+    assert cfg.model.backbone == "resnet101"
+    assert cfg.solver.base_lr == pytest.approx(1e-3) and isinstance(cfg.solver.base_lr, float)
+    assert cfg.solver.epochs == 3.0 and isinstance(cfg.solver.epochs, float)
+    assert cfg.model.mask_on is True
+    assert cfg.data.min_size_train == [200, 300]
+    assert cfg.data.min_size_test == 320
+    assert cfg.model.rpn.aspect_ratios == [1.0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.backbon=resnet50", "unknown config key 'model.backbon'; did you mean 'model.backbone'?"),
+        ("model.rpn.nms_tresh=0.5", "did you mean 'model.rpn.nms_thresh'?"),
+        ("modle.backbone=x", "did you mean 'model'?"),
+        ("model.num_classes=abc", "config key 'model.num_classes': expected an integer, got 'abc'"),
+        ("model.mask_on=3", "config key 'model.mask_on': expected true or false"),
+        ("solver.base_lr=fast", "config key 'solver.base_lr': expected a number"),
+        ("data.min_size_train=[a,b]", "config key 'data.min_size_train[0]': expected an integer"),
+        ("model.backbone.depth=50", "'model.backbone' has no sub-keys"),
+        ("noequals", "expected key.sub=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "unknown.yaml").write_text("model:\n  bakcbone: resnet50\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.backbone'"):
+        load_config(tmp_path / "unknown.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_every_shipped_config_loads() -> None:
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    for f in files:
+        load_config(f)
