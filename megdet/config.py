@@ -78,6 +78,7 @@ class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     weights: str = ""  # local path to ImageNet weights for the backbone; never downloaded
     norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN and heads alike
+    bn_group_size: int = 0  # CrossDeviceBN: ranks that share statistics (MegDet's "BN size"); 0 = all
     trainable_layers: int = 5  # ResNet stages trained (0-5); frozen stages have no gradient
     fpn_channels: int = 256
     num_classes: int = 7  # foreground categories, background excluded
@@ -337,6 +338,16 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Loads a YAML config (following ``base:``), applies ``key.sub=value`` overrides, validates."""
     data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _check_path(keys)
+        _set_path(data, keys, value)
+    return config_from_dict(data)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """A copy of ``cfg`` (e.g. a checkpoint's config) with ``key.sub=value`` overrides applied and validated."""
+    data = config_to_dict(cfg)
     for text in overrides:
         keys, value = parse_override(text)
         _check_path(keys)

@@ -1,0 +1,254 @@
+"""Cross-device BatchNorm (MegDet's CGBN): BatchNorm statistics over every image of a device group.
+
+``torch.nn.SyncBatchNorm`` refuses CPU tensors as soon as a process group exists, so it cannot be used
+with gloo; this layer is written on plain ``torch.distributed.all_reduce`` calls and therefore runs on
+gloo (CPU) and NCCL (CUDA) alike. Per layer it issues exactly one fused all-reduce in the forward pass
+(per-channel sum, sum of squares and the element count, packed in one tensor) and one in the backward
+pass (per-channel sums of ``dy`` and ``dy * x_hat``). Statistics are weighted by element counts, so
+unequal per-device batches give exactly the statistics of BatchNorm on the concatenated batch, and a
+device with an empty batch still takes part in both collectives.
+
+DDP and other collectives: the backward all-reduce runs inside the autograd Function's backward, i.e.
+whenever the autograd engine reaches the layer. Every rank of a group must therefore run the same
+cross-device BN layers, in the same order, in both passes (the same model, every layer's output used
+in the loss, no rank skipping a branch), exactly like DDP's own requirement for its gradient buckets.
+With ``group_size`` smaller than the world, groups hold different running statistics; DDP's
+``broadcast_buffers=True`` would overwrite them with rank 0's at every forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["CrossDeviceBatchNorm2d", "convert_cross_device_bn"]
+
+# (world size, group size) -> (the default process group the subgroups were made from, this rank's
+# subgroup). The default group is kept so that a destroyed and re-initialised world builds new groups.
+_SUBGROUP_CACHE: dict[tuple[int, int], tuple[object, dist.ProcessGroup]] = {}
+
+
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
+        raise ValueError(f"CrossDeviceBatchNorm2d: group_size must be a positive int or None, got {group_size!r}")
+
+
+def _statistics_group(group_size: int | None) -> dist.ProcessGroup | None:
+    """The process group whose devices share statistics, or None when there is nothing to share."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    size = world if group_size is None else group_size
+    if world % size != 0:
+        raise ValueError(
+            f"CrossDeviceBatchNorm2d: world size {world} is not divisible by group_size {size}; "
+            f"choose a group_size that divides {world}"
+        )
+    if size == 1:
+        return None
+    if size == world:
+        return dist.group.WORLD
+    world_group = dist.group.WORLD
+    cached = _SUBGROUP_CACHE.get((world, size))
+    if cached is not None and cached[0] is world_group:
+        return cached[1]
+    # new_subgroups makes groups of `size` consecutive ranks; every rank creates every group in the same
+    # order (a collective over the world), which holds because all ranks reach the first BN layer.
+    group, _ = dist.new_subgroups(group_size=size)
+    _SUBGROUP_CACHE[(world, size)] = (world_group, group)
+    return group
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _CrossDeviceBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm whose statistics and input-gradient sums are all-reduced over `group`."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        update_factor: float,
+        group: dist.ProcessGroup,
+    ) -> torch.Tensor:
+        channels = x.shape[1]
+        local_count = x.numel() // channels if channels else 0
+        acc = _accumulation_dtype(x.dtype)
+        xa = x.to(acc)
+        # Robust variance: each rank takes its own mean and centred variance with torch.var_mean and sends
+        # them as a sum and a sum of squares (n * (var + mean^2)) in float64. In the group's
+        # E[x^2] - E[x]^2 the large mean^2 terms then cancel in float64 (and exactly for one rank), leaving
+        # the centred variances plus the spread of the per-rank means -- no float32 cancellation.
+        packed = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+        if local_count > 0:
+            var_l, mean_l = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
+            mean64 = mean_l.double()
+            packed[:channels] = mean64 * local_count
+            packed[channels: 2 * channels] = (var_l.double() + mean64 * mean64) * local_count
+        packed[2 * channels] = local_count
+        dist.all_reduce(packed, group=group)
+
+        count = packed[2 * channels]
+        # Only a rank that itself holds <= 1 value per channel can see a group total <= 1 (and then every
+        # rank does, so all raise together); the host sync is paid only in that rare case.
+        if local_count <= 1 and count.item() <= 1:
+            raise ValueError(
+                f"CrossDeviceBatchNorm2d: expected more than 1 value per channel across the group when "
+                f"training, got {int(count.item())} (input shape {tuple(x.shape)} on this rank)"
+            )
+        mean = packed[:channels] / count
+        var = (packed[channels: 2 * channels] / count - mean * mean).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+
+        # update_factor 0 (momentum=0, as during recomputation) leaves the buffers untouched.
+        if running_mean is not None and running_var is not None and update_factor != 0.0:
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1))
+                running_mean.mul_(1.0 - update_factor).add_(mean.to(running_mean.dtype), alpha=update_factor)
+                running_var.mul_(1.0 - update_factor).add_(unbiased.to(running_var.dtype), alpha=update_factor)
+
+        mean_a = mean.to(acc)
+        invstd_a = invstd.to(acc)
+        shape = (1, channels, 1, 1)
+        y = (xa - mean_a.view(shape)) * invstd_a.view(shape)
+        if weight is not None:
+            y = y * weight.to(acc).view(shape)
+        if bias is not None:
+            y = y + bias.to(acc).view(shape)
+
+        ctx.save_for_backward(x, weight, mean_a, invstd_a, count.to(acc))
+        ctx.group = group
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable  # the all-reduce below is not differentiable: double backward must fail loudly
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        channels = x.shape[1]
+        acc = mean.dtype
+        shape = (1, channels, 1, 1)
+        dy = grad_out.to(acc)
+        x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+        # Sums over an empty local batch are zeros, which is exactly this rank's contribution.
+        sum_dy = dy.sum(dim=(0, 2, 3))
+        sum_dy_xhat = (dy * x_hat).sum(dim=(0, 2, 3))
+
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # Skipped when no rank needs the input gradient (the same on every rank: same model).
+            packed = torch.cat([sum_dy, sum_dy_xhat])
+            dist.all_reduce(packed, group=ctx.group)
+            mean_dy = (packed[:channels] / count).view(shape)
+            mean_dy_xhat = (packed[channels:] / count).view(shape)
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            grad_x = ((dy - mean_dy - x_hat * mean_dy_xhat) * scale.view(shape)).to(x.dtype)
+        # Parameter gradients are this rank's share only; DDP's gradient all-reduce adds the shares.
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(grad_out.dtype if weight is None else weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are shared by a group of devices (MegDet's CGBN).
+
+    Args:
+        num_features: channels C of the (N, C, H, W) input.
+        eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d`` (``momentum=None`` gives
+            the cumulative moving average).
+        group_size: number of consecutive ranks that share statistics (MegDet's "BN size");
+            None means the whole world. The world size must be divisible by it.
+        device, dtype: where and in which dtype the parameters and buffers are created.
+
+    Without an initialised process group, with a world or group of size 1, or in eval mode the layer is
+    exactly ``nn.BatchNorm2d`` (no communication). In training mode with a group it normalises with the
+    group's mean and biased variance and updates the running mean and *unbiased* running variance just
+    as ``nn.BatchNorm2d`` would on the concatenated group batch. Statistics and gradient sums are
+    reduced in float64 / float32 for half-precision inputs; the output keeps the input dtype.
+    Weight and bias gradients are per-rank shares, to be summed (or averaged) across ranks as DDP does.
+    All ranks of a group must run the layer in the same order in forward and backward (module docstring).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        group_size: int | None = None,
+        *,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        _check_group_size(group_size)
+        self.group_size = group_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        group = _statistics_group(self.group_size) if self.training else None
+        if group is None:
+            return super().forward(input)
+
+        # Same bookkeeping as nn.BatchNorm2d.forward (train mode).
+        update_factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                update_factor = 1.0 / float(self.num_batches_tracked)
+        track = self.track_running_stats and self.running_mean is not None
+        return _CrossDeviceBatchNormFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.eps,
+            update_factor,
+            group,
+        )
+
+
+def convert_cross_device_bn(module: nn.Module, group_size: int | None = None) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in `module` (torchvision's included) by CrossDeviceBatchNorm2d.
+
+    The new layers reuse the original Parameter and buffer objects, so weights, biases, running
+    statistics, ``num_batches_tracked``, device, dtype, ``requires_grad`` and optimizer references are
+    all kept; the training flag is copied. ``torchvision.ops.FrozenBatchNorm2d`` (not a BatchNorm2d) and
+    other norms are left alone. Returns the converted module (a new object only when `module` itself
+    is a BatchNorm2d).
+    """
+    _check_group_size(group_size)
+    if isinstance(module, nn.BatchNorm2d):
+        # Built on the meta device: every tensor is replaced by the original one just below.
+        new = CrossDeviceBatchNorm2d(
+            module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+            group_size=group_size, track_running_stats=module.track_running_stats, device="meta",
+        )
+        for name in ("weight", "bias"):
+            setattr(new, name, getattr(module, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new.register_buffer(name, getattr(module, name), persistent=name not in module._non_persistent_buffers_set)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        converted = convert_cross_device_bn(child, group_size)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

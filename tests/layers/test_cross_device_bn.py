@@ -1,0 +1,320 @@
+"""CrossDeviceBatchNorm2d against nn.BatchNorm2d on the concatenated batch of each device group.
+
+Each rank runs the layer on its slice with loss ``sum(out * g_slice)`` for one fixed random ``g``; the
+reference runs nn.BatchNorm2d on the whole group batch with ``sum(out * g)``. Outputs, input gradients
+and running statistics must then match slice by slice, and the per-rank weight/bias gradients summed
+over the group (what DDP's all-reduce does) must match the reference's.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torchvision
+from torch import nn
+from torch.testing import assert_close
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from megdet.layers import cross_device_bn
+from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d, convert_cross_device_bn
+
+C, H, W = 3, 5, 4
+TOL = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+}
+
+
+# ----------------------------------------------------------------------------- helpers (all ranks)
+
+
+def _init_group(rank: int, world_size: int, run_dir: str) -> None:
+    torch.set_num_threads(1)  # the test machine's cores are shared by all ranks
+    dist.init_process_group(
+        "gloo", init_method=f"file://{run_dir}/store", rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=60),  # a mismatched collective fails the test instead of hanging it
+    )
+
+
+def _save(result: Any, run_dir: str, rank: int) -> None:
+    torch.save(result, os.path.join(run_dir, f"rank{rank}.pt"))
+
+
+class _CountAllReduce:
+    """Counts torch.distributed.all_reduce calls made inside the block (the layer looks it up per call)."""
+
+    def __enter__(self) -> _CountAllReduce:
+        self.calls = 0
+        self._original = dist.all_reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._original
+
+
+def _batch(total: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch and the fixed loss weights g; identical on every rank (same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    # A mean large against the spread is where a naive float32 E[x^2] - E[x]^2 loses digits.
+    x = torch.randn(total, C, H, W, generator=gen, dtype=torch.float64) + 20
+    g = torch.randn(total, C, H, W, generator=gen, dtype=torch.float64)
+    return x.to(dtype), g.to(dtype)
+
+
+def _bn_pair(dtype: torch.dtype, momentum: float | None, group_size: int | None) -> tuple[nn.BatchNorm2d, nn.Module]:
+    gen = torch.Generator().manual_seed(123)
+    ref = nn.BatchNorm2d(C, momentum=momentum, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(C, generator=gen) + 0.5)
+        ref.bias.copy_(torch.randn(C, generator=gen))
+    return ref, convert_cross_device_bn(copy.deepcopy(ref), group_size)
+
+
+def _compare_with_reference(
+    rank: int, world_size: int, sizes: list[int], group_size: int | None, dtype: torch.dtype,
+    momentum: float | None, steps: int = 2,
+) -> None:
+    """`sizes[r]` images on rank r; every group is checked against BN on its own concatenated batch."""
+    k = world_size if group_size is None else group_size
+    group_ranks = list(range(rank - rank % k, rank - rank % k + k))
+    group_offset = sum(sizes[: group_ranks[0]])
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    local = slice(start - group_offset, stop - group_offset)
+    tol = TOL[dtype]
+    ref, ours = _bn_pair(dtype, momentum, group_size)
+    assert isinstance(ours, CrossDeviceBatchNorm2d)
+    what = f"sizes={sizes} group_size={group_size} dtype={dtype} momentum={momentum}"
+    for step in range(steps):
+        x_all, g_all = _batch(sum(sizes), dtype, seed=step)
+        x_group = x_all[group_offset: group_offset + sum(sizes[r] for r in group_ranks)]
+        g_group = g_all[group_offset: group_offset + x_group.shape[0]]
+        ref.zero_grad(set_to_none=True)
+        ours.zero_grad(set_to_none=True)
+
+        x_ref = x_group.clone().requires_grad_(True)
+        out_ref = ref(x_ref)
+        (out_ref * g_group).sum().backward()
+
+        x_mine = x_group[local].clone().requires_grad_(True)
+        out = ours(x_mine)
+        (out * g_group[local]).sum().backward()
+
+        what_step = f"{what} step {step}"
+        assert_close(out, out_ref[local], **tol, msg=lambda m, w=what_step: f"output, {w}: {m}")
+        assert_close(x_mine.grad, x_ref.grad[local], **tol, msg=lambda m: f"input grad, {what}: {m}")
+        # DDP sums the per-rank parameter gradients: gather all ranks', sum those of my group.
+        mine = torch.cat([ours.weight.grad, ours.bias.grad])
+        gathered = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(gathered, mine)
+        summed = torch.stack([gathered[r] for r in group_ranks]).sum(0)
+        assert_close(summed, torch.cat([ref.weight.grad, ref.bias.grad]), **tol,
+                     msg=lambda m: f"weight/bias grad, {what}: {m}")
+        assert_close(ours.running_mean, ref.running_mean, **tol, msg=lambda m: f"running_mean, {what}: {m}")
+        assert_close(ours.running_var, ref.running_var, **tol, msg=lambda m: f"running_var, {what}: {m}")
+        assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+        assert torch.isfinite(mine).all() and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- 2 ranks
+
+
+def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
+    _init_group(rank, world_size, run_dir)
+    try:
+        checked = 0
+        for sizes in ([3, 3], [1, 4], [1, 1], [0, 3]):  # equal, unequal, one image each, one rank empty
+            for dtype in (torch.float64, torch.float32):
+                momentum = None if sizes == [1, 4] else 0.1  # cumulative average too
+                _compare_with_reference(rank, world_size, sizes, None, dtype, momentum)
+                checked += 1
+
+        # One fused all-reduce in the forward, one in the backward; none in eval mode.
+        layer = CrossDeviceBatchNorm2d(C).double()
+        x_all, g_all = _batch(4, torch.float64, seed=7)
+        x = x_all[2 * rank: 2 * rank + 2].clone().requires_grad_(True)
+        with _CountAllReduce() as count:
+            out = layer(x)
+            forward_calls = count.calls
+            (out * g_all[2 * rank: 2 * rank + 2]).sum().backward()
+        backward_calls = count.calls - forward_calls
+        with _CountAllReduce() as count:
+            layer(x.detach()).sum().backward()  # no input gradient needed: the backward reduce is skipped
+        no_input_grad_calls = count.calls
+        layer.eval()
+        plain = nn.BatchNorm2d(C).double().eval()
+        plain.load_state_dict(layer.state_dict())
+        with _CountAllReduce() as count:
+            eval_out = layer(x)
+        assert torch.equal(eval_out, plain(x)), "eval mode must be plain BatchNorm with running statistics"
+
+        # group_size=1 on 2 ranks: per-device BatchNorm, no communication.
+        local_ref, local_ours = _bn_pair(torch.float64, 0.1, 1)
+        with _CountAllReduce() as count1:
+            local_out = local_ours(x.detach())
+        assert torch.equal(local_out, local_ref(x.detach())) and count1.calls == 0
+
+        # World size 2 is not divisible by group_size 3.
+        with pytest.raises(ValueError, match=r"world size 2 .*group_size 3"):
+            CrossDeviceBatchNorm2d(C, group_size=3).double()(x.detach())
+
+        # bf16 input with float32 parameters (mixed precision): bf16 output and input gradient,
+        # float32 statistics computed from the exact bf16 values.
+        x_all, g_all = _batch(5, torch.bfloat16, seed=11)
+        sl = slice(0, 2) if rank == 0 else slice(2, 5)
+        ref, ours = _bn_pair(torch.float32, 0.1, None)
+        x_ref = x_all.float().requires_grad_(True)
+        out_ref = ref(x_ref)
+        (out_ref * g_all.float()).sum().backward()
+        x_mine = x_all[sl].clone().requires_grad_(True)
+        out = ours(x_mine)
+        (out * g_all[sl]).sum().backward()
+        assert out.dtype == torch.bfloat16 and x_mine.grad.dtype == torch.bfloat16
+        assert ours.weight.grad.dtype == torch.float32
+        assert_close(out.float(), out_ref[sl].detach(), rtol=1e-2, atol=2e-2)
+        assert_close(x_mine.grad.float(), x_ref.grad[sl], rtol=2e-2, atol=2e-2)
+        grads = torch.cat([ours.weight.grad, ours.bias.grad])
+        dist.all_reduce(grads)
+        assert_close(grads, torch.cat([ref.weight.grad, ref.bias.grad]), rtol=1e-4, atol=1e-4)
+        assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+        assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+        # Whole layer in bf16 (parameters too): runs, stays bf16, finite.
+        whole = CrossDeviceBatchNorm2d(C).bfloat16()
+        y = whole(x_all[sl].clone().requires_grad_(True))
+        y.float().sum().backward()
+        assert y.dtype == torch.bfloat16 and whole.weight.grad.dtype == torch.bfloat16
+        assert torch.isfinite(y.float()).all() and torch.isfinite(whole.weight.grad.float()).all()
+
+        _save({"checked": checked, "forward_calls": forward_calls, "backward_calls": backward_calls,
+               "no_input_grad_calls": no_input_grad_calls, "eval_calls": count.calls}, run_dir, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_match_batchnorm_on_concatenated_batch(spawn_ranks) -> None:
+    results = spawn_ranks(_two_rank_entry, 2)
+    for r in results:
+        assert r["checked"] == 8
+        assert r["forward_calls"] == 1 and r["backward_calls"] == 1
+        assert r["no_input_grad_calls"] == 1  # forward only
+        assert r["eval_calls"] == 0
+
+
+# ----------------------------------------------------------------------------- 4 ranks
+
+
+def _four_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
+    _init_group(rank, world_size, run_dir)
+    try:
+        # BN groups {0, 1} and {2, 3}; rank 3 holds no image.
+        for dtype in (torch.float64, torch.float32):
+            _compare_with_reference(rank, world_size, [2, 1, 3, 0], 2, dtype, 0.1)
+        group = cross_device_bn._statistics_group(2)
+        assert group is cross_device_bn._statistics_group(2), "subgroups must be created once and cached"
+        members = dist.get_process_group_ranks(group)
+        # The whole world as one group, unequal slices.
+        _compare_with_reference(rank, world_size, [1, 2, 0, 3], None, torch.float64, None)
+        with pytest.raises(ValueError, match=r"world size 4 .*group_size 3"):
+            CrossDeviceBatchNorm2d(C, group_size=3)(torch.randn(2, C, H, W))
+        _save({"members": members}, run_dir, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_four_ranks_group_size_two(spawn_ranks) -> None:
+    results = spawn_ranks(_four_rank_entry, 4)
+    assert [r["members"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_without_process_group_is_batchnorm() -> None:
+    assert not dist.is_initialized()
+    for momentum in (0.1, None):
+        ref, ours = _bn_pair(torch.float32, momentum, None)
+        for seed in range(2):
+            x, g = _batch(4, torch.float32, seed)
+            x_ref = x.clone().requires_grad_(True)
+            x_ours = x.clone().requires_grad_(True)
+            out_ref, out = ref(x_ref), ours(x_ours)
+            (out_ref * g).sum().backward()
+            (out * g).sum().backward()
+            assert torch.equal(out, out_ref)
+            assert torch.equal(x_ours.grad, x_ref.grad)
+        assert torch.equal(ours.weight.grad, ref.weight.grad) and torch.equal(ours.bias.grad, ref.bias.grad)
+        for key, value in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+        ref.eval()
+        ours.eval()
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_invalid_group_size() -> None:
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="group_size"):
+            CrossDeviceBatchNorm2d(4, group_size=bad)
+    with pytest.raises(ValueError, match="group_size"):
+        convert_cross_device_bn(nn.BatchNorm2d(4), group_size=0)
+
+
+def test_convert_resnet18_keeps_state_and_leaves_frozen_bn() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer1[0].bn1 = FrozenBatchNorm2d(64)
+    model.train()
+    for m in model.modules():  # non-trivial statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(5)
+    model.layer4[1].bn2.weight.requires_grad_(False)
+    model.layer2.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params_before = dict(model.named_parameters())
+    x = torch.randn(1, 3, 32, 32)
+    model.eval()
+    out_before = model(x)
+    model.train()
+    model.layer2.eval()
+
+    converted = convert_cross_device_bn(model, group_size=2)
+
+    assert converted is model
+    cdbn = [m for m in model.modules() if isinstance(m, CrossDeviceBatchNorm2d)]
+    assert len(cdbn) == 19 and all(m.group_size == 2 for m in cdbn)  # resnet18 has 20 BNs, 1 frozen
+    assert type(model.layer1[0].bn1) is FrozenBatchNorm2d
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value) and after[key].dtype == value.dtype, key
+    for name, p in model.named_parameters():
+        assert p is params_before[name], name  # optimizer references stay valid
+    assert not model.layer4[1].bn2.weight.requires_grad and model.layer4[1].bn1.weight.requires_grad
+    assert not model.layer2[0].bn1.training and model.layer3[0].bn1.training
+    model.eval()
+    assert torch.equal(model(x), out_before)
+
+
+def test_convert_root_batchnorm_keeps_dtype_and_flags() -> None:
+    bn = nn.BatchNorm2d(5, eps=1e-3, momentum=None, affine=False, dtype=torch.float64).eval()
+    new = convert_cross_device_bn(bn)
+    assert isinstance(new, CrossDeviceBatchNorm2d) and new is not bn
+    assert new.eps == 1e-3 and new.momentum is None and not new.affine and not new.training
+    assert new.running_mean is bn.running_mean and new.running_mean.dtype == torch.float64
+    no_stats = convert_cross_device_bn(nn.BatchNorm2d(5, track_running_stats=False))
+    assert no_stats.running_mean is None and not no_stats.track_running_stats
+    x = torch.randn(3, 5, 2, 2)
+    assert torch.equal(no_stats(x), nn.BatchNorm2d(5, track_running_stats=False)(x))
