@@ -1,0 +1,430 @@
+"""COCO-format detection dataset: boxes, instance masks and person keypoints.
+
+Reads a standard ``instances_*.json`` and, optionally, the matching ``person_keypoints_*.json``.
+Both files are parsed once at construction; what an item needs (boxes, labels, segmentations,
+keypoints, file name) is then packed into one flat byte buffer and the JSON is dropped. Images and
+masks are decoded per item. The flat buffer matters on real COCO 2017 (118k images, 860k
+annotations): DataLoader workers are forked and would otherwise copy millions of small Python
+objects as soon as their reference counts are touched.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import PIL.Image
+import pycocotools.mask as mask_utils
+import torch
+from torchvision import tv_tensors
+
+from megdet.data.errors import DatasetError
+
+Target = dict[str, Any]
+Transform = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} file not found; check the data root and split names")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; regenerate or re-download the file"
+        ) from None
+    except UnicodeDecodeError:
+        raise DatasetError(
+            f"{path}: invalid JSON (not UTF-8 text); regenerate or re-download the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}"
+        )
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DatasetError(
+                f"{path}: missing required field '{key}' (a COCO file needs images, annotations, categories)"
+            )
+        if not isinstance(data[key], list):
+            raise DatasetError(f"{path}: field '{key}' must be a list, got {type(data[key]).__name__}")
+    return data
+
+
+def _require(path: Path, obj: Any, where: str, fields: Sequence[str]) -> None:
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: {where} must be a JSON object, got {type(obj).__name__}")
+    for f in fields:
+        if f not in obj:
+            raise DatasetError(f"{path}: {where} is missing required field '{f}'")
+
+
+def _ann_where(ann: dict[str, Any], index: int) -> str:
+    return (
+        f"annotation #{index} (id {ann['id']})"
+        if isinstance(ann, dict) and "id" in ann
+        else f"annotation #{index}"
+    )
+
+
+def _flip_map(names: Sequence[str]) -> list[int]:
+    """Index permutation that swaps every ``left_*`` keypoint with its ``right_*`` partner."""
+    position = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, name in enumerate(names):
+        if name.startswith("left_"):
+            out.append(position.get("right_" + name[5:], i))
+        elif name.startswith("right_"):
+            out.append(position.get("left_" + name[6:], i))
+        else:
+            out.append(i)
+    return out
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO dataset yielding ``(image, target)`` pairs as described in docs/ARCHITECTURE.md.
+
+    Args:
+        image_dir: folder holding the images named by each image's ``file_name``.
+        instances_json: COCO instances file (boxes, categories, polygon or RLE segmentations).
+        keypoints_json: optional COCO person-keypoints file; its annotations are joined onto the
+            instance annotations with the same id (others are added as new instances).
+        train: training set-up: images without a usable annotation are skipped.
+        with_masks: decode instance masks into ``target['masks']``.
+        with_keypoints: put ``target['keypoints']`` (N, K, 3) into targets.
+        transforms: ``callable(image, target) -> (image, target)`` applied last.
+
+    Crowd annotations (``iscrowd=1``) never enter targets; annotations whose box is narrower or
+    shorter than one pixel are dropped with one warning per file.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        instances_json: str | Path,
+        keypoints_json: str | Path | None = None,
+        *,
+        train: bool,
+        with_masks: bool = True,
+        with_keypoints: bool = False,
+        transforms: Transform | None = None,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.instances_json = Path(instances_json)
+        self.keypoints_json = Path(keypoints_json) if keypoints_json is not None else None
+        self.train = train
+        self.with_masks = with_masks
+        self.with_keypoints = with_keypoints
+        self.transforms = transforms
+
+        inst = _load_json(self.instances_json, "instances annotation")
+        kp = (
+            _load_json(self.keypoints_json, "keypoints annotation")
+            if self.keypoints_json is not None
+            else None
+        )
+
+        # Categories: from the instances file; label i + 1 <-> coco id [i] (0 is background).
+        cats: dict[int, dict[str, Any]] = {}
+        for i, c in enumerate(inst["categories"]):
+            _require(self.instances_json, c, f"category #{i}", ("id", "name"))
+            cats[int(c["id"])] = c
+        self.coco_category_ids: list[int] = sorted(cats)
+        self.category_names: list[str] = [str(cats[c]["name"]) for c in self.coco_category_ids]
+        self._label_of = {cid: i + 1 for i, cid in enumerate(self.coco_category_ids)}
+
+        # Keypoint names: from the categories that define them (the person category in COCO).
+        kp_cats = [(self.instances_json, c) for c in inst["categories"] if c.get("keypoints")]
+        if kp is not None:
+            for i, c in enumerate(kp["categories"]):
+                _require(self.keypoints_json, c, f"category #{i}", ("id", "name"))
+                if int(c["id"]) not in cats:
+                    raise DatasetError(
+                        f"{self.keypoints_json}: category id {c['id']} ({c['name']}) is not in {self.instances_json}; "
+                        "use the keypoints file of the same split"
+                    )
+                if c.get("keypoints"):
+                    kp_cats.append((self.keypoints_json, c))
+        self.keypoint_names: list[str] = []
+        if kp_cats:
+            self.keypoint_names = [str(n) for n in kp_cats[-1][1]["keypoints"]]
+            for src, c in kp_cats:
+                if [str(n) for n in c["keypoints"]] != self.keypoint_names:
+                    raise DatasetError(
+                        f"{src}: category {c['id']} defines different keypoint names than the others"
+                    )
+        if with_keypoints and not self.keypoint_names:
+            src = self.keypoints_json or self.instances_json
+            raise DatasetError(
+                f"{src}: with_keypoints=True but no category defines 'keypoints'; pass a person_keypoints file"
+            )
+        self.num_keypoints: int = len(self.keypoint_names)
+        self.keypoint_flip_map: list[int] = _flip_map(self.keypoint_names)
+
+        # Images.
+        images: dict[int, dict[str, Any]] = {}
+        for i, im in enumerate(inst["images"]):
+            _require(self.instances_json, im, f"image #{i}", ("id", "file_name", "width", "height"))
+            if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height")):
+                raise DatasetError(
+                    f"{self.instances_json}: image #{i} (id {im['id']}) has width/height "
+                    f"{im['width']!r}/{im['height']!r}; expected positive integers"
+                )
+            images[int(im["id"])] = im
+
+        # Annotations per image (crowd and degenerate ones left out), keypoints joined by id.
+        anns_by_id: dict[Any, dict[str, Any]] = {}
+        per_image: dict[int, list[dict[str, Any]]] = {}
+        dropped = self._add_annotations(
+            self.instances_json, inst["annotations"], images, anns_by_id, per_image
+        )
+        if dropped:
+            warnings.warn(
+                f"{self.instances_json}: dropped {dropped} annotation(s) whose box is narrower or shorter than 1 pixel inside the image",
+                stacklevel=2,
+            )
+        if kp is not None:
+            dropped = self._join_keypoints(kp["annotations"], images, anns_by_id, per_image)
+            if dropped:
+                warnings.warn(
+                    f"{self.keypoints_json}: dropped {dropped} annotation(s) whose box is narrower or shorter than 1 pixel inside the image",
+                    stacklevel=2,
+                )
+
+        ids, sizes, blobs = [], [], []
+        for image_id, im in images.items():
+            anns = per_image.get(image_id, [])
+            if train and not anns:
+                continue
+            ids.append(image_id)
+            h, w = int(im["height"]), int(im["width"])
+            sizes.append((h, w))
+            blobs.append(
+                pickle.dumps(self._record(str(im["file_name"]), h, w, anns), pickle.HIGHEST_PROTOCOL)
+            )
+        self.image_ids: list[int] = ids
+        self._sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+        self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    # ---------------------------------------------------------------------------------------------
+    # Construction helpers
+    # ---------------------------------------------------------------------------------------------
+
+    def _check_ann(self, path: Path, ann: Any, index: int, images: dict[int, Any]) -> None:
+        where = _ann_where(ann, index)
+        _require(path, ann, where, ("image_id", "category_id", "bbox"))
+        for key in ("image_id", "category_id"):
+            if not isinstance(ann[key], int):
+                raise DatasetError(f"{path}: {where} has {key} {ann[key]!r}; expected an integer")
+        if ann["category_id"] not in self._label_of:
+            raise DatasetError(
+                f"{path}: {where} has unknown category_id {ann['category_id']}; known ids: {self.coco_category_ids}"
+            )
+        if ann["image_id"] not in images:
+            raise DatasetError(
+                f"{path}: {where} has unknown image_id {ann['image_id']}; it is not in 'images'"
+            )
+        bbox = ann["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise DatasetError(f"{path}: {where} has bbox {bbox!r}; expected [x, y, width, height]")
+
+    def _add_annotations(
+        self,
+        path: Path,
+        anns: list[Any],
+        images: dict[int, Any],
+        anns_by_id: dict[Any, dict[str, Any]],
+        per_image: dict[int, list[dict[str, Any]]],
+    ) -> int:
+        dropped = 0
+        for index, ann in enumerate(anns):
+            self._check_ann(path, ann, index, images)
+            if "id" in ann:
+                anns_by_id[ann["id"]] = ann
+            if ann.get("iscrowd", 0):
+                continue
+            # Degenerate: narrower or shorter than a pixel once clipped to the image.
+            x, y, w, h = ann["bbox"]
+            im = images[int(ann["image_id"])]
+            if min(x + w, im["width"]) - max(x, 0) < 1 or min(y + h, im["height"]) - max(y, 0) < 1:
+                dropped += 1
+                continue
+            if self.with_masks and "segmentation" not in ann:
+                raise DatasetError(
+                    f"{path}: {_ann_where(ann, index)} has no 'segmentation'; masks were requested (set with_masks=False?)"
+                )
+            per_image.setdefault(int(ann["image_id"]), []).append(ann)
+        return dropped
+
+    def _join_keypoints(
+        self,
+        anns: list[Any],
+        images: dict[int, Any],
+        anns_by_id: dict[Any, dict[str, Any]],
+        per_image: dict[int, list[dict[str, Any]]],
+    ) -> int:
+        assert self.keypoints_json is not None
+        path = self.keypoints_json
+        new = []
+        for index, ann in enumerate(anns):
+            self._check_ann(path, ann, index, images)
+            if "keypoints" not in ann:
+                continue
+            base = anns_by_id.get(ann["id"]) if "id" in ann else None
+            if base is None:
+                new.append(ann)
+                continue
+            if int(base["image_id"]) != int(ann["image_id"]):
+                raise DatasetError(
+                    f"{path}: {_ann_where(ann, index)} has image_id {ann['image_id']} but {base['image_id']} in "
+                    f"{self.instances_json}; use the keypoints file of the same split"
+                )
+            base["keypoints"] = ann["keypoints"]
+        return self._add_annotations(path, new, images, {}, per_image)
+
+    def _record(self, file_name: str, h: int, w: int, anns: list[dict[str, Any]]) -> dict[str, Any]:
+        """The compact per-image record packed into the byte buffer."""
+        n = len(anns)
+        boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float32).reshape(n, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        labels = np.asarray([self._label_of[int(a["category_id"])] for a in anns], dtype=np.int64)
+        rec: dict[str, Any] = {"file_name": file_name, "boxes": boxes, "labels": labels}
+        if self.with_masks:
+            rec["segms"] = [self._compact_segm(a, h, w) for a in anns]
+        if self.with_keypoints:
+            k = self.num_keypoints
+            kps = np.zeros((n, k, 3), dtype=np.float32)
+            for j, a in enumerate(anns):
+                if "keypoints" in a:
+                    values = a["keypoints"]
+                    if len(values) != 3 * k:
+                        src = self.keypoints_json or self.instances_json
+                        raise DatasetError(
+                            f"{src}: annotation id {a.get('id')} has {len(values)} keypoint values; expected {3 * k}"
+                        )
+                    kps[j] = np.asarray(values, dtype=np.float32).reshape(k, 3)
+            rec["keypoints"] = kps
+        return rec
+
+    def _compact_segm(self, ann: dict[str, Any], h: int, w: int) -> Any:
+        segm = ann["segmentation"]
+        if isinstance(segm, list):
+            # frPyObjects reads a 4-number polygon as a box, and fewer than 3 points enclose nothing.
+            return [np.asarray(p, dtype=np.float64) for p in segm if isinstance(p, list) and len(p) >= 6]
+        if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+            if [int(s) for s in segm["size"]] != [h, w]:
+                raise DatasetError(
+                    f"{self.instances_json}: annotation id {ann.get('id')} has an RLE of size {segm['size']} "
+                    f"but its image is {h}x{w}"
+                )
+            if isinstance(segm["counts"], list):  # uncompressed RLE -> compressed, once
+                return mask_utils.frPyObjects(segm, h, w)
+            counts = segm["counts"]
+            return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        raise DatasetError(
+            f"{self.instances_json}: annotation id {ann.get('id')} has a segmentation that is neither polygons nor RLE"
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # Public API
+    # ---------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _get_record(self, index: int) -> dict[str, Any]:
+        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
+        return pickle.loads(self._buffer[start:end].tobytes())
+
+    def image_path(self, index: int) -> Path:
+        """Path of the image file of item ``index``."""
+        return self.image_dir / self._get_record(index)["file_name"]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of item ``index`` as recorded in the annotation file."""
+        h, w = self._sizes[index]
+        return int(h), int(w)
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height of every item, from the annotation file (no image is decoded)."""
+        return (self._sizes[:, 1] / self._sizes[:, 0]).tolist()
+
+    def verify_images(self) -> None:
+        """Raises :class:`DatasetError` naming the first image file that does not exist (and how many are missing)."""
+        missing = [p for p in (self.image_path(i) for i in range(len(self))) if not p.is_file()]
+        if missing:
+            raise DatasetError(
+                f"{missing[0]}: image file not found ({len(missing)} of {len(self)} images listed in "
+                f"{self.instances_json} are missing from {self.image_dir})"
+            )
+
+    def _load_image(self, path: Path, h: int, w: int) -> tv_tensors.Image:
+        if not path.is_file():
+            raise DatasetError(f"{path}: image file not found (listed in {self.instances_json})")
+        # Pillow rather than torchvision.io: the latter's decoders are deprecated since 0.29.
+        try:
+            with PIL.Image.open(path) as pil:
+                array = np.array(pil.convert("RGB"))  # a writable copy for torch
+        except PIL.UnidentifiedImageError:
+            raise DatasetError(
+                f"{path}: cannot decode image (not a format Pillow reads); replace or remove the file"
+            ) from None
+        except (OSError, ValueError, SyntaxError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(
+                f"{path}: cannot decode image ({reason}); replace or remove the file"
+            ) from None
+        # (3, H, W) view of the HWC array (channels-last memory): torch resizes uint8 faster in this layout.
+        image = torch.from_numpy(array).permute(2, 0, 1)
+        if tuple(image.shape[-2:]) != (h, w):
+            raise DatasetError(
+                f"{path}: image is {image.shape[-2]}x{image.shape[-1]} (HxW) but {self.instances_json} says {h}x{w}"
+            )
+        return tv_tensors.Image(image)
+
+    def _decode_masks(self, segms: list[Any], h: int, w: int) -> np.ndarray:
+        rles = []
+        for s in segms:
+            if isinstance(s, dict):
+                rles.append(s)
+            elif s:
+                rles.append(mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in s], h, w)))
+            else:
+                rles.append(mask_utils.encode(np.zeros((h, w, 1), dtype=np.uint8, order="F"))[0])
+        if not rles:
+            return np.zeros((0, h, w), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # pycocotools' compiled decode trips a NumPy 2 DeprecationWarning on every call; harmless.
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            masks = mask_utils.decode(rles)
+        return np.ascontiguousarray(masks.transpose(2, 0, 1))
+
+    def __getitem__(self, index: int) -> tuple[Any, Target]:
+        rec = self._get_record(index)
+        h, w = self.image_size(index)
+        image = self._load_image(self.image_dir / rec["file_name"], h, w)
+        target: Target = {
+            "image_id": self.image_ids[index],
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(rec["boxes"]), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(h, w)
+            ),
+            "labels": torch.from_numpy(rec["labels"]),
+        }
+        if self.with_masks:
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(self._decode_masks(rec["segms"], h, w)))
+        if self.with_keypoints:
+            target["keypoints"] = torch.from_numpy(rec["keypoints"])
+        target["orig_size"] = (h, w)
+        if self.transforms is not None:
+            return self.transforms(image, target)
+        return image, target

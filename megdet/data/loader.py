@@ -1,0 +1,208 @@
+"""Batches for the model and the DataLoaders that produce them.
+
+Train loader determinism: the batch sampler is deterministic from the seed (see ``sampler.py``),
+and every sample's augmentation draws from torch's generator re-seeded from
+``(seed, rank, iteration, position in batch)`` just for that sample. So which worker loads a sample,
+and when, does not matter, and a run resumed at iteration k sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megdet.config import Config
+from megdet.data.coco import CocoDetection
+from megdet.data.sampler import InferenceSampler, TrainingBatchSampler
+from megdet.data.transforms import build_transforms
+
+_TARGET_KEYS = ("boxes", "labels", "masks", "keypoints")
+
+
+@dataclass
+class Batch:
+    """What the model consumes (docs/ARCHITECTURE.md).
+
+    ``images`` (B, 3, H, W) float32, normalised and zero-padded; ``image_sizes`` each image after
+    resizing, before padding; ``original_sizes`` as stored on disk; ``targets`` in resized
+    coordinates with ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64 and optionally ``masks``
+    (N, h, w) uint8 and ``keypoints`` (N, K, 3) float32.
+    """
+
+    images: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+    image_ids: list[int]
+    targets: list[dict[str, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _map(self, fn: Any) -> Batch:
+        return Batch(
+            images=fn(self.images),
+            image_sizes=list(self.image_sizes),
+            original_sizes=list(self.original_sizes),
+            image_ids=list(self.image_ids),
+            targets=[{k: fn(v) for k, v in t.items()} for t in self.targets],
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """A copy in pinned memory (called by DataLoader when ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory())
+
+
+def collate(samples: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisibility: int = 32) -> Batch:
+    """Stacks transformed ``(image, target)`` samples into a :class:`Batch`, zero-padding bottom/right
+    to a common size that is a multiple of ``size_divisibility``."""
+    if not samples:
+        raise ValueError("collate: no samples")
+    images = [img for img, _ in samples]
+    max_h = max(int(img.shape[-2]) for img in images)
+    max_w = max(int(img.shape[-1]) for img in images)
+    if size_divisibility > 1:
+        max_h = -(-max_h // size_divisibility) * size_divisibility
+        max_w = -(-max_w // size_divisibility) * size_divisibility
+    padded = torch.zeros((len(images), images[0].shape[0], max_h, max_w), dtype=torch.float32)
+    for i, img in enumerate(images):
+        padded[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+    targets = []
+    for _, t in samples:
+        # Plain tensors: the model must not depend on tv_tensors' metadata or dispatch.
+        targets.append({k: t[k].as_subclass(torch.Tensor) for k in _TARGET_KEYS if k in t})
+    return Batch(
+        images=padded,
+        image_sizes=[(int(img.shape[-2]), int(img.shape[-1])) for img in images],
+        original_sizes=[(int(t["orig_size"][0]), int(t["orig_size"][1])) for _, t in samples],
+        image_ids=[int(t["image_id"]) for _, t in samples],
+        targets=targets,
+    )
+
+
+def sample_seed(seed: int, rank: int, iteration: int, position: int) -> int:
+    """The seed of one sample's augmentation: a hash of where it sits in the training stream."""
+    state = np.random.SeedSequence([seed % 2**64, rank, iteration, position]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+class SeededBatchSampler:
+    """Wraps a :class:`TrainingBatchSampler`: yields ``(index, sample_seed)`` pairs instead of indices."""
+
+    def __init__(self, batch_sampler: TrainingBatchSampler) -> None:
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        s = self.batch_sampler
+        for iteration, batch in enumerate(s, start=s.start_iter):
+            yield [(index, sample_seed(s.seed, s.rank, iteration, pos)) for pos, index in enumerate(batch)]
+
+
+class SeededDataset(Dataset):
+    """Loads ``dataset[index]`` with torch's generator seeded to ``sample_seed``, restoring it afterwards."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed would also queue seeds for every accelerator.
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _split_files(cfg: Config, split: str) -> tuple[Path, Path, Path | None]:
+    root = Path(cfg.data.root)
+    ann = root / "annotations"
+    keypoints = ann / f"person_keypoints_{split}.json" if cfg.model.keypoint_on else None
+    return root / split, ann / f"instances_{split}.json", keypoints
+
+
+def _build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
+    image_dir, instances, keypoints = _split_files(cfg, split)
+    dataset = CocoDetection(
+        image_dir,
+        instances,
+        keypoints,
+        train=train,
+        with_masks=cfg.model.mask_on,
+        with_keypoints=cfg.model.keypoint_on,
+    )
+    flip_map = dataset.keypoint_flip_map if cfg.model.keypoint_on else None
+    dataset.transforms = build_transforms(cfg.data, train=train, flip_map=flip_map)
+    return dataset
+
+
+def build_train_dataset(cfg: Config) -> CocoDetection:
+    """The training split ``cfg.data.train_split`` with training transforms."""
+    return _build_dataset(cfg, cfg.data.train_split, train=True)
+
+
+def build_test_dataset(cfg: Config, split: str) -> CocoDetection:
+    """Split ``split`` (all images kept) with test transforms."""
+    return _build_dataset(cfg, split, train=False)
+
+
+def build_train_loader(
+    cfg: Config, rank: int, world_size: int, start_iter: int = 0, dataset: CocoDetection | None = None
+) -> DataLoader:
+    """Endless loader of :class:`Batch` es for ``rank``, starting at iteration ``start_iter``.
+
+    ``dataset``: an already built :func:`build_train_dataset` (saves reading the JSON twice when the
+    caller needed it first, e.g. for ``verify_images``). ``loader.dataset.dataset`` is the CocoDetection.
+    """
+    dataset = dataset if dataset is not None else build_train_dataset(cfg)
+    sampler = TrainingBatchSampler(
+        dataset.aspect_ratios(),
+        images_per_device=cfg.data.images_per_device,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.train.seed,
+        group_by_aspect=cfg.data.aspect_ratio_grouping,
+        start_iter=start_iter,
+    )
+    workers = cfg.data.num_workers
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=SeededBatchSampler(sampler),
+        num_workers=workers,
+        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # Own generator: creating worker iterators must not consume the caller's global RNG.
+        generator=torch.Generator().manual_seed(cfg.train.seed + rank),
+    )
+
+
+def build_test_loader(
+    cfg: Config, split: str, rank: int, world_size: int, dataset: CocoDetection | None = None
+) -> DataLoader:
+    """Loader over this rank's contiguous shard of ``split`` (its first ``cfg.test.max_images`` when > 0).
+
+    ``dataset``: an already built :func:`build_test_dataset` of ``split`` to reuse.
+    """
+    dataset = dataset if dataset is not None else build_test_dataset(cfg, split)
+    size = len(dataset) if cfg.test.max_images <= 0 else min(len(dataset), cfg.test.max_images)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.test.images_per_device,
+        sampler=InferenceSampler(size, rank, world_size),
+        num_workers=cfg.data.num_workers,
+        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,120 @@
+"""Batch, collate and the train/test DataLoaders on the tiny dataset of conftest.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from megdet.config import Config
+from megdet.data.loader import Batch, build_test_loader, build_train_dataset, build_train_loader, collate
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*narrower or shorter than 1 pixel:UserWarning")
+
+
+def _cfg(tiny, workers: int = 0) -> Config:
+    cfg = Config()
+    cfg.data.root = str(tiny.root)
+    cfg.data.num_workers = workers
+    cfg.data.images_per_device = 2
+    cfg.data.min_size_train = [24, 32, 40]
+    cfg.data.max_size_train = 64
+    cfg.data.min_size_test = 32
+    cfg.data.max_size_test = 64
+    cfg.model.mask_on = True
+    cfg.model.keypoint_on = True
+    cfg.train.seed = 11
+    cfg.test.images_per_device = 4
+    return cfg
+
+
+def _assert_same(a: Batch, b: Batch) -> None:
+    assert a.image_ids == b.image_ids and a.image_sizes == b.image_sizes
+    assert torch.equal(a.images, b.images)
+    for ta, tb in zip(a.targets, b.targets, strict=True):
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), k
+
+
+def test_collate_pads_to_a_multiple_of_32():
+    samples = []
+    for i, (h, w) in enumerate([(33, 40), (20, 70)]):
+        target = {
+            "image_id": i,
+            "orig_size": (h // 2, w // 2),
+            "boxes": torch.zeros(1, 4),
+            "labels": torch.ones(1, dtype=torch.int64),
+        }
+        samples.append((torch.rand(3, h, w) + 1.0, target))
+    batch = collate(samples, size_divisibility=32)
+    assert batch.images.shape == (2, 3, 64, 96) and batch.images.dtype == torch.float32
+    assert batch.image_sizes == [(33, 40), (20, 70)] and batch.original_sizes == [(16, 20), (10, 35)]
+    assert batch.image_ids == [0, 1] and len(batch) == 2
+    for img, (h, w), padded in zip((s[0] for s in samples), batch.image_sizes, batch.images):
+        assert torch.equal(padded[:, :h, :w], img)
+        assert not padded[:, h:, :].any() and not padded[:, :, w:].any()
+    moved = batch.to("cpu")
+    assert isinstance(moved, Batch) and torch.equal(moved.images, batch.images)
+
+
+def test_train_loader_batch_fields_and_dtypes(tiny_coco):
+    loader = build_train_loader(_cfg(tiny_coco), rank=0, world_size=1)
+    for batch in itertools.islice(iter(loader), 4):
+        assert isinstance(batch, Batch) and len(batch) == 2
+        assert batch.images.dtype == torch.float32 and batch.images.shape[:2] == (2, 3)
+        assert batch.images.shape[-2] % 32 == 0 and batch.images.shape[-1] % 32 == 0
+        for (h, w), (oh, ow), t, image_id in zip(
+            batch.image_sizes, batch.original_sizes, batch.targets, batch.image_ids
+        ):
+            assert image_id != 3  # no annotations: skipped in training
+            assert max(h, w) <= 64 and min(h, w) in (24, 32, 40) or max(h, w) == 64
+            assert (oh, ow) == tuple(tiny_coco.pixels[image_id].shape[:2])
+            n = len(t["labels"])
+            assert n > 0 and t["labels"].dtype == torch.int64
+            assert t["boxes"].shape == (n, 4) and t["boxes"].dtype == torch.float32
+            assert type(t["boxes"]) is torch.Tensor
+            assert t["masks"].shape == (n, h, w) and t["masks"].dtype == torch.uint8
+            assert t["keypoints"].shape == (n, 17, 3) and t["keypoints"].dtype == torch.float32
+            assert bool((t["boxes"][:, 2:] <= torch.tensor([w, h])).all()) and bool((t["boxes"] >= 0).all())
+
+
+def test_same_augmented_batches_after_resume_and_with_workers(tiny_coco):
+    cfg = _cfg(tiny_coco)
+    before = torch.get_rng_state()
+    full = list(itertools.islice(iter(build_train_loader(cfg, rank=0, world_size=1)), 8))
+    assert torch.equal(torch.get_rng_state(), before)  # augmentation does not touch the caller's RNG
+    # The augmentation really is random (so the comparisons below can fail).
+    assert len({b.images.shape for b in full}) > 1
+    resumed = list(itertools.islice(iter(build_train_loader(cfg, rank=0, world_size=1, start_iter=5)), 3))
+    for a, b in zip(full[5:], resumed, strict=True):
+        _assert_same(a, b)
+    workers = list(
+        itertools.islice(iter(build_train_loader(_cfg(tiny_coco, workers=2), rank=0, world_size=1)), 8)
+    )
+    for a, b in zip(full, workers, strict=True):
+        _assert_same(a, b)
+
+
+def test_ranks_get_different_batches_and_a_prebuilt_dataset_is_used(tiny_coco):
+    cfg = _cfg(tiny_coco)
+    dataset = build_train_dataset(cfg)
+    loaders = [build_train_loader(cfg, rank=r, world_size=2, dataset=dataset) for r in range(2)]
+    assert all(loader.dataset.dataset is dataset for loader in loaders)
+    first = [next(iter(loader)).image_ids for loader in loaders]
+    assert first[0] != first[1]
+
+
+def test_test_loader_covers_split_and_respects_max_images(tiny_coco):
+    cfg = _cfg(tiny_coco)
+    ids = [
+        [i for b in build_test_loader(cfg, "val", rank=r, world_size=2) for i in b.image_ids]
+        for r in range(2)
+    ]
+    assert ids == [[1, 2, 3], [4, 5, 6]]  # the empty image 3 is kept for evaluation
+    batch = next(iter(build_test_loader(cfg, "val", rank=0, world_size=1)))
+    assert len(batch) == 4 and all(min(s) == 32 or max(s) == 64 for s in batch.image_sizes)
+    cfg.test.max_images = 3
+    ids = [i for b in build_test_loader(cfg, "val", rank=0, world_size=1) for i in b.image_ids]
+    assert ids == [1, 2, 3]
