@@ -114,6 +114,111 @@ def _strip_nproc(argv: Sequence[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# eval, predict
+# --------------------------------------------------------------------------------------------------
+
+
+def _results_iou_type(path: str) -> str:
+    """The task of a COCO results file, from its first result's fields (bbox when unreadable or empty)."""
+    import json
+
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return "bbox"  # evaluate_coco reports the problem with the file
+    first = results[0] if isinstance(results, list) and results and isinstance(results[0], dict) else {}
+    if "keypoints" in first:
+        return "keypoints"
+    if "segmentation" in first:
+        return "segm"
+    return "bbox"
+
+
+def _cmd_eval_results(args: argparse.Namespace) -> int:
+    import json
+
+    from megdet.evaluation.coco_eval import EvaluationError, evaluate_coco, format_eval_table
+
+    if not (args.annotations and args.results):
+        raise CliError("--annotations GT.json and --results RESULTS.json go together")
+    if args.weights or args.tta or args.overrides:
+        raise CliError("--annotations/--results evaluate a results file; --weights, --tta and overrides do not apply")
+    iou_type = args.iou_type or _results_iou_type(args.results)
+    try:
+        evals = {iou_type: evaluate_coco(args.annotations, args.results, iou_type)}
+    except EvaluationError as e:
+        raise CliError(str(e)) from None
+    out = Path(args.out) if args.out else Path(args.results).resolve().parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "eval.json", "w") as f:
+        json.dump(evals, f, indent=2)
+    print(format_eval_table(evals))
+    print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.annotations or args.results:
+        return _cmd_eval_results(args)
+    if not args.weights:
+        raise CliError("eval needs --weights CHECKPOINT, or --annotations GT.json --results RESULTS.json")
+    if args.nproc > 1 and not _in_worker():
+        from megdet.engine.distributed import launch_local
+
+        return launch_local(args.nproc, _strip_nproc(args.raw_argv))
+    import torch.distributed as dist
+
+    from megdet.engine.distributed import cleanup_distributed, init_distributed
+    from megdet.evaluation.coco_eval import EvaluationError
+    from megdet.evaluation.inference import evaluate_model, load_model_from_checkpoint
+
+    # With --config every checkpoint is built from it; without, each from its own stored config. The
+    # evaluation settings (data, test) are those of --config or of the first checkpoint.
+    given = load_config(args.config, args.overrides) if args.config else None
+    overrides = () if given is not None else args.overrides
+    models = []
+    cfg: Config | None = None
+    for weights in args.weights:
+        model, model_cfg = load_model_from_checkpoint(weights, given, overrides=overrides)
+        models.append(model)
+        cfg = cfg or model_cfg
+    assert cfg is not None
+    out = Path(args.out) if args.out else Path(args.weights[0]).resolve().parent / "eval"
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, world, _, device = init_distributed(device=cfg.train.device)
+    try:
+        models = [m.to(device) for m in models]
+        try:
+            evaluate_model(models, cfg, out_dir=out, tta=args.tta, rank=rank, world_size=world, progress=True)
+        except EvaluationError as e:
+            raise CliError(str(e)) from None
+        if rank == 0:
+            print(f"wrote {out / 'eval.json'}")
+    finally:
+        if created:
+            cleanup_distributed()
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from megdet.engine.distributed import resolve_device
+    from megdet.evaluation.inference import category_info, load_model_and_metadata, predict_files
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise CliError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    given = load_config(args.config) if args.config else None
+    model, cfg, meta = load_model_and_metadata(args.weights, given)
+    model.to(resolve_device(cfg.train.device))
+    categories = category_info(cfg, meta)
+    entries = predict_files(model, cfg, args.images, args.out, categories, args.score_threshold)
+    for e in entries:
+        print(f"{e['image']}: {len(e['detections'])} detection(s) >= {args.score_threshold:g} -> {e['drawn']}")
+    print(f"wrote {Path(args.out) / 'predictions.json'} (category names from {categories.source})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------------
 
@@ -149,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="validate a COCO-format annotation file and print statistics",
         description="Validate any COCO-format file (ours or real COCO) and print statistics and problems. "
-        "Exit status 1 when problems are found.",
+        "Exit status 1 when errors are found (warnings, such as the harmless ones real COCO has, do not fail).",
     )
     c.add_argument("annotations", help="COCO annotation JSON (instances_*.json or person_keypoints_*.json)")
     c.add_argument("--images", default=None, help="image folder to check the files of")
@@ -170,6 +275,58 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and schedule, then exit")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=_cmd_train)
+
+    # eval -------------------------------------------------------------------------------------
+    e = sub.add_parser(
+        "eval",
+        help="COCO evaluation of checkpoints (TTA, ensembles, N processes) or of a results file",
+        description="Evaluate a checkpoint on the config's validation split (data.val_split): box, mask and "
+        "keypoint AP with pycocotools. Several --weights form an ensemble (boxes fused by voting, masks and "
+        "keypoints averaged); --tta adds the views of test.tta. With --annotations and --results, evaluate "
+        "a COCO results file instead, without a model.",
+        epilog=_EPILOG_OVERRIDES,
+    )
+    e.add_argument(
+        "--config", default=None, help="YAML config for every model (default: each checkpoint's own config)"
+    )
+    e.add_argument(
+        "--weights", action="append", default=[], metavar="CHECKPOINT", help="checkpoint; repeat for an ensemble"
+    )
+    e.add_argument("--tta", action="store_true", help="test-time augmentation (test.tta: short sides, flip, merge)")
+    e.add_argument(
+        "--out",
+        default=None,
+        help="folder for eval.json and the COCO results files (default: eval/ next to the first checkpoint, "
+        "or next to RESULTS)",
+    )
+    e.add_argument("--nproc", type=int, default=1, help="local worker processes sharing the images (default 1)")
+    e.add_argument("--annotations", default=None, metavar="GT.json", help="ground truth of a results file")
+    e.add_argument("--results", default=None, metavar="RESULTS.json", help="COCO results file to evaluate")
+    e.add_argument(
+        "--iou-type",
+        choices=("bbox", "segm", "keypoints"),
+        default=None,
+        help="task of --results (default: from its fields)",
+    )
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    e.set_defaults(func=_cmd_eval)
+
+    # predict ----------------------------------------------------------------------------------
+    pr = sub.add_parser(
+        "predict",
+        help="draw a checkpoint's detections on image files and write them as JSON",
+        description="Run a checkpoint on image files (resized with the test transform; predictions in "
+        "original-image pixels). Writes OUT/NAME.png with boxes, labels, scores, masks and keypoint "
+        "skeletons drawn, OUT/NAME.json per image and OUT/predictions.json for all.",
+    )
+    pr.add_argument("--weights", required=True, metavar="CHECKPOINT", help="checkpoint to run")
+    pr.add_argument("--config", default=None, help="YAML config (default: the checkpoint's own config)")
+    pr.add_argument(
+        "--score-threshold", type=float, default=0.5, help="draw and write detections scoring at least this"
+    )
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
+    pr.set_defaults(func=_cmd_predict)
     return p
 
 

@@ -1,0 +1,64 @@
+"""The `megdet` command line: help texts, the data commands, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megdet.cli import build_parser, main
+
+
+def test_help_lists_only_working_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("data", "train"):
+        assert command in out
+    actions = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, sub in actions.items():
+        assert sub.format_help(), name
+
+
+def test_console_entry_point_runs_without_torch_import() -> None:
+    code = "import sys; from megdet.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_data_synth_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--train", "3", "--val", "2", "--image-size", "96",
+                 "--workers", "1", "--quiet"]) == 0
+    assert (out / "annotations" / "instances_train.json").is_file()
+    assert (out / "annotations" / "person_keypoints_val.json").is_file()
+    capsys.readouterr()
+    assert main(["data", "check", str(out / "annotations" / "instances_val.json"), "--images", str(out / "val")]) == 0
+    report = capsys.readouterr().out
+    assert "images" in report.lower()
+
+
+def test_data_check_fails_on_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["data", "check", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megdet: error:") and "bad.json" in err and "\n" not in err
+
+    missing_image = tmp_path / "ann.json"
+    missing_image.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "nowhere.png", "height": 10, "width": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25,
+                         "iscrowd": 0, "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]}],
+        "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}],
+    }))
+    assert main(["data", "check", str(missing_image), "--images", str(tmp_path)]) == 1
+    assert "nowhere.png" in capsys.readouterr().out
+
+
+def test_config_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-config", "model.backbon=resnet50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "megdet: error: unknown config key 'model.backbon'; did you mean 'model.backbone'?"
