@@ -1,0 +1,208 @@
+"""Checkpoints: atomic writes, last-K retention, safe loading.
+
+A checkpoint is a dict written by ``torch.save`` holding only what ``torch.load(..., weights_only=True)``
+accepts: tensors, numbers, strings, booleans, None, lists, tuples and dicts. Anything else (a dataclass,
+a numpy array) is refused at save time with the key path that holds it, rather than making the file
+unloadable later. :func:`rng_state` / :func:`set_rng_state` convert the RNG states of torch, CUDA,
+Python and numpy to and from that form.
+
+Writes are atomic: the bytes go to a hidden temporary file in the same directory, are fsync'ed, and
+the file is renamed over the target with ``os.replace`` (atomic on POSIX). A crash mid-write leaves
+the previous checkpoint untouched and no partially written file under a checkpoint's name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST_CHECKPOINT = "last_checkpoint"
+_NAME = re.compile(r"^model_(\d{7,})\.pt$")
+_SAFE_SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (or state that cannot be written); the message is one line."""
+
+
+def _check_safe(obj: Any, where: str) -> None:
+    """Raises CheckpointError naming the first value that ``weights_only`` loading would reject."""
+    if isinstance(obj, (torch.Tensor, *_SAFE_SCALARS)):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, int | str):
+                raise CheckpointError(f"checkpoint state {where}: key {k!r} is not a str or int")
+            _check_safe(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check_safe(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"checkpoint state {where}: a {type(obj).__name__} cannot be loaded with weights_only=True;"
+        " store tensors, numbers, strings, lists and dicts only"
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every file system allows opening a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Writes ``state`` to ``path`` atomically; refuses values that weights_only loading would reject."""
+    path = Path(path)
+    _check_safe(state, "")
+    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: one line for a missing file, a file that is not a checkpoint, or a corrupt
+            (e.g. truncated) one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; anything else was not written by it.
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: not a megdet checkpoint (it holds objects other than tensors, numbers and"
+                f" strings: {first})"
+            ) from None
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({first}); use an earlier one"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping):
+        raise CheckpointError(f"{path}: not a megdet checkpoint (no 'model' state dict in it)")
+    return state
+
+
+def checkpoint_iteration(path: str | Path) -> int | None:
+    """The iteration in a ``model_XXXXXXX.pt`` file name, or None for another name."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+class CheckpointManager:
+    """Writes ``out_dir/model_{iteration:07d}.pt``, records it in ``out_dir/last_checkpoint`` and keeps
+    the newest ``keep`` checkpoint files (``keep <= 0`` keeps all)."""
+
+    def __init__(self, out_dir: str | Path, keep: int = 3) -> None:
+        self.out_dir = Path(out_dir)
+        self.keep = keep
+
+    def path_for(self, iteration: int) -> Path:
+        return self.out_dir / f"model_{iteration:07d}.pt"
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files in ``out_dir``, oldest (lowest iteration) first."""
+        if not self.out_dir.is_dir():
+            return []
+        found = [(checkpoint_iteration(p), p) for p in self.out_dir.iterdir() if p.is_file()]
+        return [p for it, p in sorted((it, p) for it, p in found if it is not None)]
+
+    def save(self, iteration: int, state: Mapping[str, Any]) -> Path:
+        """Saves, then points ``last_checkpoint`` at it, then prunes; each step leaves a loadable state."""
+        path = save_checkpoint(self.path_for(iteration), state)
+        _atomic_write(self.out_dir / LAST_CHECKPOINT, lambda f: f.write((path.name + "\n").encode()))
+        if self.keep > 0:
+            others = [p for p in self.checkpoints() if p != path]
+            for old in others[: max(0, len(others) - (self.keep - 1))]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> Path | None:
+        """The checkpoint named by ``last_checkpoint``, else the highest-iteration file, else None."""
+        marker = self.out_dir / LAST_CHECKPOINT
+        if marker.is_file():
+            name = marker.read_text().strip()
+            if name and (self.out_dir / name).is_file():
+                return self.out_dir / name
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states in weights_only-safe form
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and current CUDA device), Python and numpy RNG states as tensors/lists/numbers."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,376 @@
+"""The large learning-rate policy: linear scaling, gradual warmup, step or cosine decay.
+
+Everything is resolved once, by the pure function :func:`resolve_schedule`, into a
+:class:`ScheduleInfo`; :func:`lr_at` then gives the learning rate of any iteration.
+
+Linear scaling
+    ``global_batch = world_size x images_per_device x grad_accum_steps`` and
+    ``lr = solver.base_lr x global_batch / solver.reference_batch`` (Goyal et al. 2017; MegDet derives
+    the same rule from keeping the variance of the weight update constant).
+
+Length in epochs
+    ``solver.epochs`` and ``solver.decay_epochs`` are in passes over the training set, so running on
+    more devices keeps the epochs and divides the iterations: ``total_iters = round(epochs x
+    iters_per_epoch)`` with ``iters_per_epoch`` the data sampler's. A positive ``train.max_iters``
+    replaces the total, and the decays keep their *fraction* of the run (``decay_epoch / epochs``).
+
+Warmup (``solver.warmup = true``)
+    The lr rises linearly, every iteration, from ``warmup_factor x lr`` at iteration 0 to exactly
+    ``lr`` at iteration ``warmup_iters``. With ``solver.warmup_iters = -1`` the length follows the
+    *images* rule::
+
+        warmup_iters = min(max(ceil(WARMUP_IMAGES / global_batch), MIN_WARMUP_ITERS),
+                           max(1, floor(MAX_WARMUP_FRACTION x total_iters)))
+
+    with ``WARMUP_IMAGES = 16,000`` (detectron2's 1000 iterations at the reference batch of 16),
+    ``MIN_WARMUP_ITERS = 50`` and ``MAX_WARMUP_FRACTION = 0.25``. Why this is safe at a large batch,
+    where the peak lr is higher:
+
+    - Warmup exists because the linear scaling rule ("one step of batch kn at lr k*eta ~= k steps of
+      batch n at lr eta") holds only while the weights change little over those k small steps, which
+      is false early in training. Holding the warmup constant in *images* (Goyal et al.'s "5 epochs at
+      every batch size" is the same rule stated in epochs) means that after any number of images seen,
+      the lr is the same fraction of its peak at every batch size. The lr per image
+      (``lr / global_batch``, the quantity linear scaling keeps constant) therefore follows exactly the
+      curve of the validated batch-16 recipe: a large-batch run takes fewer, proportionally larger
+      steps, and is never more aggressive per image than the reference.
+    - The floor of 50 iterations binds above a batch of 320 (16,000 / 50), where a fixed image count
+      would leave so few steps that one step could raise the lr by more than 2% of its peak. There it
+      lengthens the warmup in images (more conservative), never shortens it.
+    - The cap of a quarter of the run binds only for runs shorter than four warmups (64,000 images;
+      200 iterations where the floor applies): smoke tests and toy data sets, which would otherwise
+      spend most or all of their iterations warming up. A run that wants a longer warmup sets
+      ``solver.warmup_iters`` explicitly; an explicit value >= 0 is used as is (0: no warmup).
+
+Decay
+    ``step``: at each ``decay_iters[i]`` the lr is multiplied by ``decay_factors[i]``, cumulatively
+    (MegDet: /10, /10, /2). Fewer decay epochs than factors use the first factors. ``cosine``: after
+    warmup, half a cosine from ``lr`` down to ``min_lr_factor x lr`` at ``total_iters``. Warmup and
+    decay multiply, so a decay inside the warmup also applies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megdet.config import ConfigError, SolverConfig
+
+WARMUP_IMAGES = 16_000
+MIN_WARMUP_ITERS = 50
+MAX_WARMUP_FRACTION = 0.25
+POLICIES = ("step", "cosine")
+
+
+@dataclass
+class ScheduleInfo:
+    """A fully resolved learning-rate schedule (plain numbers only, so it can go into checkpoints)."""
+
+    world_size: int
+    images_per_device: int
+    grad_accum_steps: int
+    global_batch: int
+    base_lr: float
+    reference_batch: int
+    lr: float  # the scaled peak learning rate
+    num_images: int
+    iters_per_epoch: int
+    epochs: float  # effective length of the run: total_iters / iters_per_epoch
+    total_iters: int
+    warmup_iters: int
+    warmup_start_lr: float
+    decay_iters: list[int] = field(default_factory=list)
+    decay_factors: list[float] = field(default_factory=list)  # one per decay_iters entry
+    policy: str = "step"
+    min_lr: float = 0.0  # cosine end value
+    warmup_rule: str = ""  # how warmup_iters was chosen, in words
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines: what a run prints at start-up and ``--print-config`` shows."""
+        decays = ", ".join(f"{i} (x{f:g})" for i, f in zip(self.decay_iters, self.decay_factors)) or "none"
+        if self.policy == "cosine":
+            decays = f"cosine to {self.min_lr:.6g} at iteration {self.total_iters}"
+        return [
+            f"world size: {self.world_size} device(s) x {self.images_per_device} image(s)"
+            f" x {self.grad_accum_steps} accumulation step(s) = global batch {self.global_batch}",
+            f"learning rate: {self.base_lr:g} x {self.global_batch} / {self.reference_batch} = {self.lr:.6g}",
+            f"iterations: {self.total_iters} total, {self.iters_per_epoch} per epoch"
+            f" ({self.num_images} images, {self.epochs:.4g} epochs)",
+            f"warmup: {self.warmup_iters} iterations from {self.warmup_start_lr:.6g} ({self.warmup_rule})",
+            f"decay ({self.policy}): {decays}",
+        ]
+
+
+def _iters_per_epoch(num_images: int, global_batch: int) -> int:
+    # The data sampler defines what an epoch is (how it shards and whether it drops a remainder).
+    from megdet.data.sampler import iters_per_epoch
+
+    return int(iters_per_epoch(num_images, global_batch))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def resolve_schedule(
+    solver_cfg: SolverConfig,
+    world_size: int,
+    images_per_device: int,
+    grad_accum_steps: int,
+    num_images: int,
+    max_iters: int = -1,
+) -> ScheduleInfo:
+    """Resolves the solver config for a given number of devices into concrete iterations and lrs.
+
+    Args:
+        solver_cfg: the ``solver`` section.
+        world_size: number of data-parallel processes (devices).
+        images_per_device: ``data.images_per_device``.
+        grad_accum_steps: ``train.grad_accum_steps`` (micro-batches per optimizer step).
+        num_images: training images per epoch (the training data set's length).
+        max_iters: ``train.max_iters``; positive values replace the length derived from the epochs.
+
+    Raises:
+        ConfigError: one line naming the offending key.
+    """
+    s = solver_cfg
+    _check(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    _check(images_per_device >= 1, f"data.images_per_device: expected >= 1, got {images_per_device}")
+    _check(grad_accum_steps >= 1, f"train.grad_accum_steps: expected >= 1, got {grad_accum_steps}")
+    _check(num_images >= 1, "the training split has no images; check data.root and data.train_split")
+    _check(s.base_lr > 0, f"solver.base_lr: expected > 0, got {s.base_lr}")
+    _check(s.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {s.reference_batch}")
+    _check(
+        s.policy in POLICIES,
+        f"solver.policy: unknown policy '{s.policy}'; choose one of {', '.join(POLICIES)}",
+    )
+    _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
+    _check(
+        s.warmup_iters >= -1, f"solver.warmup_iters: expected -1 (automatic) or >= 0, got {s.warmup_iters}"
+    )
+    _check(0 <= s.min_lr_factor <= 1, f"solver.min_lr_factor: expected in [0, 1], got {s.min_lr_factor}")
+    _check(max_iters == -1 or max_iters >= 1, f"train.max_iters: expected -1 or >= 1, got {max_iters}")
+    _check(s.epochs > 0, f"solver.epochs: expected > 0, got {s.epochs}")
+    decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
+    _check(
+        all(0 < d < s.epochs for d in decay_epochs),
+        f"solver.decay_epochs: each must lie strictly between 0 and solver.epochs={s.epochs:g},"
+        f" got {decay_epochs}",
+    )
+    _check(
+        decay_epochs == sorted(decay_epochs),
+        f"solver.decay_epochs: must be in increasing order, got {decay_epochs}",
+    )
+    _check(
+        len(decay_epochs) <= len(s.decay_factors),
+        f"solver.decay_factors: {len(s.decay_factors)} factor(s) for {len(decay_epochs)} decay epoch(s);"
+        " give at least one factor per entry of solver.decay_epochs",
+    )
+    _check(
+        all(f > 0 for f in s.decay_factors[: len(decay_epochs)]),
+        f"solver.decay_factors: expected positive factors, got {s.decay_factors}",
+    )
+
+    global_batch = world_size * images_per_device * grad_accum_steps
+    lr = s.base_lr * global_batch / s.reference_batch
+    ipe = max(1, _iters_per_epoch(num_images, global_batch))
+    if max_iters > 0:
+        total = max_iters
+        decay_iters = [round(total * d / s.epochs) for d in decay_epochs]
+    else:
+        total = max(1, round(s.epochs * ipe))
+        decay_iters = [round(d * ipe) for d in decay_epochs]
+
+    if not s.warmup:
+        warmup, rule = 0, "solver.warmup=false"
+    elif s.warmup_iters >= 0:
+        warmup, rule = s.warmup_iters, "solver.warmup_iters"
+    else:
+        by_images = math.ceil(WARMUP_IMAGES / global_batch)
+        floored = max(by_images, MIN_WARMUP_ITERS)
+        cap = max(1, math.floor(MAX_WARMUP_FRACTION * total))
+        warmup = min(floored, cap)
+        if warmup == by_images:
+            rule = f"{WARMUP_IMAGES} images / global batch {global_batch}"
+        elif warmup == cap and cap < floored:
+            rule = f"capped at {MAX_WARMUP_FRACTION:g} of a {total}-iteration run"
+        else:
+            rule = f"floor of {MIN_WARMUP_ITERS} iterations"
+    return ScheduleInfo(
+        world_size=world_size,
+        images_per_device=images_per_device,
+        grad_accum_steps=grad_accum_steps,
+        global_batch=global_batch,
+        base_lr=s.base_lr,
+        reference_batch=s.reference_batch,
+        lr=lr,
+        num_images=num_images,
+        iters_per_epoch=ipe,
+        epochs=total / ipe,
+        total_iters=total,
+        warmup_iters=warmup,
+        warmup_start_lr=lr * s.warmup_factor if warmup > 0 else lr,
+        decay_iters=decay_iters,
+        decay_factors=[float(f) for f in s.decay_factors[: len(decay_epochs)]],
+        policy=s.policy,
+        min_lr=lr * s.min_lr_factor if s.policy == "cosine" else 0.0,
+        warmup_rule=rule,
+    )
+
+
+def lr_at(info: ScheduleInfo, it: int) -> float:
+    """The learning rate used by the optimizer step of iteration ``it`` (0-based).
+
+    Iterations past ``total_iters`` keep the final value.
+    """
+    it = max(0, min(it, info.total_iters))
+    if it < info.warmup_iters:
+        start = info.warmup_start_lr / info.lr
+        warm = start + (1.0 - start) * it / info.warmup_iters
+    else:
+        warm = 1.0
+    if info.policy == "cosine":
+        span = info.total_iters - info.warmup_iters
+        progress = 0.0 if span <= 0 else max(0, it - info.warmup_iters) / span
+        floor = info.min_lr / info.lr
+        decay = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0
+        for d_it, f in zip(info.decay_iters, info.decay_factors):
+            if it >= d_it:
+                decay *= f
+    return info.lr * warm * decay
+
+
+class LRScheduler:
+    """Sets every param group's lr to :func:`lr_at` of the current iteration.
+
+    ``step()`` advances one iteration (call it after ``optimizer.step()``). The state is the iteration
+    alone; the schedule itself is recomputed from the config, so it is never stored in a checkpoint.
+    (A small class rather than ``LambdaLR``: ``LambdaLR`` multiplies a stored base lr, which would have
+    to be kept in step with the resolved schedule on resume.)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, info: ScheduleInfo, start_iter: int = 0) -> None:
+        self.optimizer = optimizer
+        self.info = info
+        self.iteration = start_iter
+        self._apply()
+
+    def _apply(self) -> None:
+        lr = lr_at(self.info, self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.iteration += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self._apply()
+
+
+# Norm layers whose affine parameters get solver.weight_decay_norm (Goyal et al.: no decay on BN's
+# scale and shift). Our FrozenBN and CrossDeviceBN are matched through their base classes when they
+# derive from these; _is_norm also accepts any module from megdet.layers whose name says "Norm".
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, _NORM_TYPES):
+        return True
+    cls = type(module)
+    return cls.__module__.startswith(("megdet.layers", "torchvision.ops")) and "Norm" in cls.__name__
+
+
+def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict[str, Any]]:
+    """Splits trainable parameters into a decayed group and a group of norm parameters and biases."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        norm = _is_norm(module)
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if norm or name == "bias" else decay).append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": weight_decay_norm},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, solver_cfg: SolverConfig, lr: float) -> torch.optim.SGD:
+    """SGD with momentum; ``solver.weight_decay_norm`` (default 0) for norm parameters and all biases."""
+    groups = param_groups(model, solver_cfg.weight_decay, solver_cfg.weight_decay_norm)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters; check model.trainable_layers")
+    return torch.optim.SGD(groups, lr=lr, momentum=solver_cfg.momentum)
+
+
+def schedule_curve(info: ScheduleInfo, points: int = 2000) -> tuple[list[int], list[float]]:
+    """(iterations, lrs) sampled over the run, every warmup and decay iteration included."""
+    total = info.total_iters
+    step = max(1, total // points)
+    its: set[int] = set(range(0, total + 1, step)) | {total}
+    its |= set(range(0, info.warmup_iters + 1, max(1, info.warmup_iters // 200)))
+    its |= {info.warmup_iters}
+    for d in info.decay_iters:
+        its |= {max(0, d - 1), d}
+    xs = sorted(i for i in its if 0 <= i <= total)
+    return xs, [lr_at(info, i) for i in xs]
+
+
+def plot_schedule(info: ScheduleInfo, path: str | Path) -> Path:
+    """Writes a PNG of the lr over the run (x: iterations below, epochs above) to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    xs, ys = schedule_curve(info)
+    # A Figure without pyplot: no global state, safe in any thread or backend.
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    ax = fig.subplots()
+    ax.step(xs, ys, where="post", lw=1.5)  # the lr is constant within an iteration
+    for d in info.decay_iters:
+        ax.axvline(d, color="grey", lw=0.8, ls="--")
+    if info.warmup_iters:
+        ax.axvline(
+            info.warmup_iters, color="tab:orange", lw=0.8, ls=":", label=f"warmup {info.warmup_iters} it"
+        )
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("learning rate")
+    ipe = info.iters_per_epoch
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / ipe, lambda e: e * ipe))
+    top.set_xlabel("epoch")
+    ax.set_title(
+        f"{info.world_size} device(s), global batch {info.global_batch}, peak lr {info.lr:.4g}", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.8)  # fixed margins: tight_layout is slow
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,380 @@
+"""The training loop on a tiny detector: resume equivalence, SIGTERM, non-finite guard, accumulation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from megdet.config import ConfigError, config_to_dict, dump_config, load_config
+from megdet.data.loader import Batch, build_train_loader
+from megdet.engine import trainer as trainer_mod
+from megdet.engine.checkpoint import CheckpointManager, load_checkpoint
+from megdet.engine.trainer import (
+    NonFiniteLossError,
+    accumulate_gradients,
+    recompute_names,
+    resolved_schedule_text,
+    train,
+)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
+    assert a.keys() == b.keys(), where
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{where}{k}"
+        elif isinstance(a[k], dict):
+            _assert_same_state(a[k], b[k], f"{where}{k}.")
+        elif isinstance(a[k], list):
+            assert len(a[k]) == len(b[k]), f"{where}{k}"
+            for i, (x, y) in enumerate(zip(a[k], b[k])):
+                if isinstance(x, dict):
+                    _assert_same_state(x, y, f"{where}{k}[{i}].")
+                else:
+                    assert x == y, f"{where}{k}[{i}]"
+        else:
+            assert a[k] == b[k], f"{where}{k}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_and_resumed_run_is_bit_identical(tiny_cfg, tmp_path, monkeypatch, workers: int) -> None:
+    # Evaluation (with workers=0 only, to save time) must not disturb the training stream either.
+    evals = ["test.eval_period=2", "test.max_images=2"] if workers == 0 else []
+    common = ["train.max_iters=4", "train.checkpoint_period=2", f"data.num_workers={workers}", *evals]
+    full = train(tiny_cfg(*common, f"train.out_dir={tmp_path / 'full'}"))
+    assert full["iteration"] == 4 and (workers or "bbox" in full["eval"])
+
+    # The second run dies in iteration 3, after the checkpoint at 2 (an exception stands in for a kill).
+    real_update = trainer_mod.apply_update
+    calls = {"n": 0}
+
+    def dying_update(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated kill")
+        return real_update(*args, **kwargs)
+
+    cfg = tiny_cfg(*common, f"train.out_dir={tmp_path / 'resumed'}")
+    monkeypatch.setattr(trainer_mod, "apply_update", dying_update)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(cfg)
+    monkeypatch.setattr(trainer_mod, "apply_update", real_update)
+    assert CheckpointManager(tmp_path / "resumed").latest().name == "model_0000002.pt"
+    resumed = train(cfg, resume=True)
+    assert resumed["iteration"] == 4
+
+    a = load_checkpoint(tmp_path / "full" / "model_0000004.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "model_0000004.pt")
+    _assert_same_state(a["model"], b["model"], "model.")
+    _assert_same_state(a["optimizer"], b["optimizer"], "optimizer.")
+    _assert_same_state(a["rng"][0], b["rng"][0], "rng.")
+    assert a["scheduler"] == b["scheduler"] == {"iteration": 4}
+    assert a["sampler_position"] == b["sampler_position"] == 4
+
+    # metrics.jsonl of the resumed run: every iteration once (the dead run's extra lines dropped),
+    # and the very same losses and evaluation as the uninterrupted run.
+    ma, mb = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
+    assert [m["iter"] for m in mb if "total_loss" in m] == [1, 2, 3, 4]
+    for x, y in zip([m for m in ma if "total_loss" in m], [m for m in mb if "total_loss" in m]):
+        assert x["total_loss"] == y["total_loss"] and x["lr"] == y["lr"]
+    eval_a = [m for m in ma if "eval" in m]
+    eval_b = [m for m in mb if "eval" in m]
+    assert [m["iter"] for m in eval_a] == [m["iter"] for m in eval_b] == ([] if workers else [2, 4])
+    assert eval_a == eval_b
+
+
+SIGTERM_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from megdet.config import load_config
+    from megdet.engine.trainer import train
+
+    s = train(load_config(sys.argv[1]))
+    print("SUMMARY " + json.dumps({k: s[k] for k in ("iteration", "interrupted", "checkpoint")}), flush=True)
+    """
+)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path) -> None:
+    cfg = tiny_cfg("train.max_iters=500", "train.checkpoint_period=1000")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(cfg))
+    script = tmp_path / "worker.py"
+    script.write_text(SIGTERM_WORKER)
+    out = Path(cfg.train.out_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout.split("SUMMARY ", 1)[1])
+    k = summary["iteration"]
+    assert summary["interrupted"] and 1 <= k < 500
+    assert summary["checkpoint"] == str(out / f"model_{k:07d}.pt")
+    assert CheckpointManager(out).latest() == out / f"model_{k:07d}.pt"
+    assert load_checkpoint(out / f"model_{k:07d}.pt")["iteration"] == k
+    assert "SIGTERM" in stderr + stdout
+
+    again = train(tiny_cfg(f"train.max_iters={k + 1}", "train.checkpoint_period=1000"), resume=True)
+    assert again["iteration"] == k + 1 and not again["interrupted"]
+    assert load_checkpoint(again["checkpoint"])["iteration"] == k + 1
+
+
+def test_non_finite_loss_stops_without_touching_the_last_checkpoint(tiny_cfg, monkeypatch) -> None:
+    import megdet.modeling.detector as detector
+
+    real_build = detector.build_model
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            output = dict(output)
+            output["loss_classifier"] = output["loss_classifier"] * float("nan")
+        return output
+
+    def build_poisoned(cfg):
+        model = real_build(cfg)
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(detector, "build_model", build_poisoned)
+    cfg = tiny_cfg("train.max_iters=6", "train.checkpoint_period=2")
+    with pytest.raises(NonFiniteLossError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "iteration 3" in msg and "loss_classifier=nan" in msg and "lr=" in msg
+    assert "loss_objectness=" in msg and "model_0000002.pt" in msg
+    out = Path(cfg.train.out_dir)
+    assert [p.name for p in CheckpointManager(out).checkpoints()] == ["model_0000002.pt"]
+    assert CheckpointManager(out).latest() == out / "model_0000002.pt"
+    assert load_checkpoint(out / "model_0000002.pt")["iteration"] == 2
+
+
+class _Toy(nn.Module):
+    """Mimics the detector's interface; its losses are means over the images of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, images, image_sizes, targets):
+        pred = self.fc(self.gn(self.conv(images)).mean((2, 3)))
+        y = torch.stack([t["y"] for t in targets])
+        return {"loss_a": ((pred - y) ** 2).sum(1).mean(), "loss_b": pred.abs().sum(1).mean()}
+
+
+def _toy_batch(images: torch.Tensor, ys: torch.Tensor) -> Batch:
+    n = len(images)
+    return Batch(images, [(8, 8)] * n, [(8, 8)] * n, list(range(n)), [{"y": y} for y in ys])
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_equals_the_large_batch_gradient() -> None:
+    torch.manual_seed(0)
+    images, ys = torch.randn(4, 3, 8, 8), torch.randn(4, 2)
+    a = _Toy()
+    b = copy.deepcopy(a)
+    cpu = torch.device("cpu")
+    micro = [_toy_batch(images[i : i + 1], ys[i : i + 1]) for i in range(4)]
+    la = accumulate_gradients(a, micro, device=cpu)
+    lb = accumulate_gradients(b, [_toy_batch(images, ys)], device=cpu)
+    assert la.keys() == lb.keys() == {"loss_a", "loss_b", "total_loss"}
+    for k in la:
+        assert la[k] == pytest.approx(lb[k], rel=1e-5)
+    ga, gb = _grads(a), _grads(b)
+    assert ga.keys() == gb.keys() and len(ga) == 6
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
+def test_detector_accumulation_2x1_equals_1x2_with_group_norm(tiny_cfg) -> None:
+    from megdet.modeling.detector import build_model
+
+    # Every anchor / RoI sampled: no randomness in what the loss sees. Two copies of one image:
+    # the batch of two has exactly the per-image loss, so accumulation must reproduce its gradient.
+    cfg = tiny_cfg(
+        "model.norm=GN",
+        "model.rpn.batch_size_per_image=100000",
+        "model.roi.batch_size_per_image=100000",
+        "data.images_per_device=1",
+    )
+    one = next(iter(build_train_loader(cfg, 0, 1)))
+    two = Batch(
+        torch.cat([one.images, one.images]),
+        one.image_sizes * 2,
+        one.original_sizes * 2,
+        one.image_ids * 2,
+        one.targets * 2,
+    )
+    torch.manual_seed(0)
+    a = build_model(cfg).train()
+    b = copy.deepcopy(a)
+    cpu = torch.device("cpu")
+    la = accumulate_gradients(a, [one, one], device=cpu)
+    lb = accumulate_gradients(b, [two], device=cpu)
+    for k in la:
+        assert la[k] == pytest.approx(lb[k], rel=1e-4), k
+    ga, gb = _grads(a), _grads(b)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_recompute_names_and_equal_gradients(tiny_cfg) -> None:
+    from megdet.layers.recompute import apply_recompute
+    from megdet.modeling.detector import build_model
+
+    cfg = tiny_cfg("model.trainable_layers=3")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    stages = recompute_names(model, "stages")
+    assert stages == [
+        "backbone.body.layer2",
+        "backbone.body.layer3",
+        "backbone.body.layer4",
+        "backbone.fpn",
+        "roi_heads.box_head.head",
+    ]
+    blocks = recompute_names(model, "blocks")
+    assert "backbone.body.layer2.0" in blocks and "backbone.body.layer4.1" in blocks
+    assert "backbone.fpn" in blocks and "roi_heads.box_head.head.fc6" in blocks
+    assert not any(n.startswith(("backbone.body.stem", "backbone.body.layer1")) for n in blocks)
+    assert recompute_names(model, "off") == []
+
+    batch = next(iter(build_train_loader(cfg, 0, 1)))
+    wrapped = apply_recompute(copy.deepcopy(model), blocks)
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    la = accumulate_gradients(model, [batch], device=cpu)
+    torch.manual_seed(1)
+    lb = accumulate_gradients(wrapped, [batch], device=cpu)
+    assert la == pytest.approx(lb, rel=1e-6)
+    ga = _grads(model)
+    gb = {n.replace(".inner.", "."): g for n, g in _grads(wrapped).items()}
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7, msg=n)
+    # BatchNorm running statistics were updated once, not twice.
+    _assert_same_state(model.state_dict(), wrapped.state_dict())
+
+
+def test_bf16_autocast_on_cpu(tiny_cfg) -> None:
+    from megdet.modeling.detector import build_model
+
+    cfg = tiny_cfg("data.images_per_device=1")
+    batch = next(iter(build_train_loader(cfg, 0, 1)))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    fp32 = accumulate_gradients(model, [batch], device=cpu)
+    model.zero_grad()
+    torch.manual_seed(1)
+    bf16 = accumulate_gradients(model, [batch], device=cpu, amp="bf16")
+    assert bf16["total_loss"] != fp32["total_loss"]  # autocast really ran in bf16
+    assert bf16["total_loss"] == pytest.approx(fp32["total_loss"], rel=2e-2)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_sublinear_clip_accumulation_and_outputs(tiny_cfg, tmp_path) -> None:
+    cfg = tiny_cfg(
+        "train.sublinear_memory=stages",
+        "train.grad_clip=1.0",
+        "train.grad_accum_steps=2",
+        "data.images_per_device=1",
+        "train.max_iters=2",
+        "train.checkpoint_period=1",
+        "train.keep_checkpoints=1",
+        "test.eval_period=0",
+        "test.max_images=2",
+    )
+    summary = train(cfg)
+    out = tmp_path / "run"
+    assert summary["iteration"] == 2 and summary["checkpoint"] == str(out / "model_0000002.pt")
+    assert [p.name for p in CheckpointManager(out).checkpoints()] == ["model_0000002.pt"]
+    assert summary["schedule"]["global_batch"] == 2
+    assert set(summary["eval"]) == {"bbox"} and "AP" in summary["eval"]["bbox"]["stats"]
+    lines = _metrics(out)
+    train_lines = [m for m in lines if "total_loss" in m]
+    assert [m["iter"] for m in train_lines] == [1, 2]
+    for m in train_lines:
+        assert {"lr", "grad_norm", "images_per_s", "memory_mb", "time", "loss_objectness"} <= m.keys()
+        assert m["memory_mb"] > 0 and m["images_per_s"] > 0
+    assert [m["iter"] for m in lines if "eval" in m] == [2]
+    assert load_config(out / "config.yaml") == cfg
+    assert (out / "lr_schedule.png").stat().st_size > 0
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "eval" / "iter_0000002" / "eval.json").is_file()
+    # The checkpoint has plain keys (the Recompute wrappers are invisible in the state dict).
+    state = load_checkpoint(out / "model_0000002.pt")
+    assert not any(".inner." in k for k in state["model"])
+    assert state["config"] == config_to_dict(cfg)
+
+
+def test_config_errors(tiny_cfg, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="train.amp=fp16 needs a CUDA device"):
+        train(tiny_cfg("train.amp=fp16", "train.device=cpu"))
+    with pytest.raises(ConfigError, match="train.sublinear_memory"):
+        train(tiny_cfg("train.sublinear_memory=all"))
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": {}}, out / "model_0000010.pt")
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        train(tiny_cfg())
+
+
+def test_resume_with_another_global_batch_is_refused(tiny_cfg) -> None:
+    first = train(tiny_cfg("train.max_iters=1"))
+    with pytest.raises(ConfigError, match="global batch 2.*this run has 1"):
+        train(tiny_cfg("train.max_iters=2", "data.images_per_device=1"), resume=True)
+    assert load_checkpoint(first["checkpoint"])["iteration"] == 1
+
+
+def test_resolved_schedule_text(tiny_cfg) -> None:
+    text = resolved_schedule_text(tiny_cfg("data.images_per_device=2", "train.max_iters=-1"), world_size=8)
+    lines = text.splitlines()
+    assert lines[0] == "# resolved for 8 device(s):" and all(line.startswith("#") for line in lines)
+    assert "global batch 16" in text and "0.02 x 16 / 16 = 0.02" in text
+    assert "iterations: 12 total, 1 per epoch (8 images" in text
+    assert "decay iterations: [8, 11]" in text
