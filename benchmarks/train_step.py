@@ -1,0 +1,229 @@
+"""Training-step time of our R50-FPN Faster R-CNN against torchvision's, at equal settings, on CPU.
+
+One step = forward + backward + SGD step on 2 images of 512x512. Both models: ResNet-50 FPN with
+FrozenBN, stem and layer1 frozen (trainable layers 3), the same RPN / RoI sampling sizes and
+proposal counts, 80 foreground classes, fp32. torchvision's ``fasterrcnn_resnet50_fpn(weights=None,
+weights_backbone=None)`` switches its body to trainable BatchNorm when no weights are given, so its
+BN layers are converted to FrozenBN and its first stages frozen here to match. The runs alternate
+(ours, torchvision, ours-bf16, ...) so that load on a shared machine hits all alike; medians are
+reported. Also: achieved FLOP/s (FlopCounterMode over one step) against the machine's fp32
+matrix-multiply peak measured in the same run, and our step under bf16 autocast.
+
+    python benchmarks/train_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+from megdet.config import load_config
+from megdet.layers.norm import convert_frozen_batchnorm
+from megdet.modeling.detector import GeneralizedRCNN, build_model
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+SETTINGS = {
+    "images": 2,
+    "size": 512,
+    "num_classes": 80,
+    "rpn_pre_nms_top_n_train": 2000,
+    "rpn_post_nms_top_n_train": 1000,
+    "rpn_batch_size_per_image": 256,
+    "rpn_positive_fraction": 0.5,
+    "box_batch_size_per_image": 512,
+    "box_positive_fraction": 0.25,
+    "trainable_layers": 3,
+    "norm": "FrozenBN",
+}
+
+
+def build_ours() -> GeneralizedRCNN:
+    s = SETTINGS
+    cfg = load_config(None, [
+        "model.backbone=resnet50", f"model.norm={s['norm']}", f"model.trainable_layers={s['trainable_layers']}",
+        "model.fpn_channels=256", f"model.num_classes={s['num_classes']}",
+        "model.rpn.anchor_sizes=[32,64,128,256,512]",
+        f"model.rpn.pre_nms_top_n_train={s['rpn_pre_nms_top_n_train']}",
+        f"model.rpn.post_nms_top_n_train={s['rpn_post_nms_top_n_train']}",
+        f"model.rpn.batch_size_per_image={s['rpn_batch_size_per_image']}",
+        f"model.rpn.positive_fraction={s['rpn_positive_fraction']}",
+        f"model.roi.batch_size_per_image={s['box_batch_size_per_image']}",
+        f"model.roi.positive_fraction={s['box_positive_fraction']}",
+        "model.roi.box_head=2fc", "model.roi.box_head_dim=1024", "model.roi.pooler=roialign",
+    ])  # fmt: skip
+    return build_model(cfg)
+
+
+def build_torchvision() -> torch.nn.Module:
+    s = SETTINGS
+    model = fasterrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=s["num_classes"] + 1,
+        min_size=s["size"],
+        max_size=s["size"],
+        rpn_pre_nms_top_n_train=s["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=s["rpn_post_nms_top_n_train"],
+        rpn_batch_size_per_image=s["rpn_batch_size_per_image"],
+        rpn_positive_fraction=s["rpn_positive_fraction"],
+        box_batch_size_per_image=s["box_batch_size_per_image"],
+        box_positive_fraction=s["box_positive_fraction"],
+    )
+    body = model.backbone.body
+    convert_frozen_batchnorm(body)  # torchvision's default for a pretrained backbone
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: s["trainable_layers"]]
+    for name, p in body.named_parameters():
+        if not any(name.startswith(t) for t in trainable):
+            p.requires_grad_(False)
+    return model
+
+
+def make_data(seed: int = 0) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    n, size = SETTINGS["images"], SETTINGS["size"]
+    images = torch.rand(n, 3, size, size, generator=g)
+    targets = []
+    for _ in range(n):
+        xy = torch.rand(6, 2, generator=g) * (size - 160)
+        wh = 24 + torch.rand(6, 2, generator=g) * 136
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(1, SETTINGS["num_classes"] + 1, (6,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels})
+    return images, targets
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9,
+                           weight_decay=1e-4)  # fmt: skip
+
+
+def step_fn(name: str, model: torch.nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]):
+    """A closure running one training step of ``model`` on the batch."""
+    opt = sgd(model)
+    model.train()
+    size = SETTINGS["size"]
+    if name == "torchvision":
+        tv_images = list(images)  # torchvision normalises and batches inside the model
+
+        def run() -> None:
+            losses = model(tv_images, targets)
+            opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            opt.step()
+
+        return run
+    normalised = (images - MEAN) / STD  # our data pipeline hands the model normalised, padded images
+    sizes = [(size, size)] * len(images)
+    autocast = name == "ours_bf16"
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses = model(normalised, sizes, targets)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+
+    return run
+
+
+def count_flops(run) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(seconds: float) -> float:
+    """fp32 GEMM throughput (FLOP/s) of this process's threads: the best of repeated 2048^3 products."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 timed steps per model instead of --iters")
+    ap.add_argument("--iters", type=int, default=6, help="timed steps per model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    iters = 2 if args.quick else args.iters
+
+    torch.manual_seed(0)
+    images, targets = make_data()
+    models = {"ours": build_ours(), "torchvision": build_torchvision()}
+    models["ours_bf16"] = models["ours"]
+    runs = {name: step_fn(name, m, images, targets) for name, m in models.items()}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
+
+    flops = {name: count_flops(runs[name]) for name in ("ours", "torchvision")}  # also a warm-up step
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks = [matmul_peak(2.0 if args.quick else 4.0)]
+    for _ in range(iters):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    peaks.append(matmul_peak(2.0 if args.quick else 4.0))
+    peak = max(peaks)
+
+    med = {n: statistics.median(v) for n, v in times.items()}
+    tv = med["torchvision"]
+    rows = []
+    for name in runs:
+        f = flops["ours" if name == "ours_bf16" else name]
+        rows.append({
+            "model": name, "median_s": med[name], "min_s": min(times[name]), "ratio_vs_torchvision_fp32": med[name] / tv,
+            "gflop_per_step": f / 1e9, "achieved_gflops": f / med[name] / 1e9,
+            "fraction_of_fp32_mm_peak": f / med[name] / peak,
+        })  # fmt: skip
+    print(f"{'model':<12} {'median s':>9} {'min s':>8} {'vs tv fp32':>10} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of peak':>8}")
+    for r in rows:
+        print(f"{r['model']:<12} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['ratio_vs_torchvision_fp32']:10.3f} "
+              f"{r['gflop_per_step']:11.1f} {r['achieved_gflops']:8.1f} {r['fraction_of_fp32_mm_peak']:8.1%}")  # fmt: skip
+    print(f"fp32 matmul peak ({args.threads} threads): {peak / 1e9:.1f} GFLOP/s (runs: "
+          f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}); params ours {params['ours'] / 1e6:.2f}M, "
+          f"torchvision {params['torchvision'] / 1e6:.2f}M")  # fmt: skip
+    result: dict[str, Any] = {
+        "settings": {**SETTINGS, "threads": args.threads, "timed_steps": iters, "quick": args.quick},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__, "torchvision": torchvision.__version__},  # fmt: skip
+        "fp32_matmul_peak_gflops": peak / 1e9,
+        "params": params,
+        "trainable_params": trainable,
+        "rows": rows,
+        "times_s": times,
+        "ratio_fp32": med["ours"] / tv,
+        "ratio_bf16_vs_torchvision_fp32": med["ours_bf16"] / tv,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"ratio fp32 {result['ratio_fp32']:.3f} (goal <= 1.0); bf16 autocast "
+          f"{result['ratio_bf16_vs_torchvision_fp32']:.3f} (goal <= 0.6); wrote {out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""ResNet / ResNeXt bodies with a feature pyramid: images -> [P2, P3, P4, P5, P6].
+
+The body reuses torchvision's ResNet constructors (``weights=None``) and keeps each stage as a named
+submodule (``body.stem``, ``body.layer1`` .. ``body.layer4``) next to the pyramid (``fpn``), so that
+sublinear-memory recomputation can wrap any of them by name later. The norm layer of every part
+comes from :func:`megdet.layers.norm.norm_layer_factory`, the one place a norm name becomes a class.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from megdet.layers.norm import norm_layer_factory
+
+NORMS = ("FrozenBN", "BN", "GN", "CrossDeviceBN", "none")
+
+# The explicit name -> constructor map (no registry): torchvision's ImageNet architectures.
+RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+    "resnext101_32x8d": torchvision.models.resnext101_32x8d,
+}
+
+# Stage names in the order `trainable_layers` counts them (from the top of the network down).
+_STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "stem")
+
+# Submodules that sublinear-memory recomputation may wrap, relative to the backbone.
+RECOMPUTE_STAGES = ("body.stem", "body.layer1", "body.layer2", "body.layer3", "body.layer4", "fpn")
+
+
+def check_norm(norm: str, key: str = "model.norm") -> str:
+    """Returns ``norm`` if it names a supported normalisation, else a one-line ValueError naming ``key``."""
+    if norm not in NORMS:
+        raise ValueError(f"{key}: unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
+    return norm
+
+
+def default_head_norm(norm: str) -> str:
+    """The norm used by the FPN and the heads when the model's norm is ``norm``.
+
+    FrozenBN means "keep pretrained statistics"; newly initialised FPN / head layers have none to keep
+    (a frozen identity affine would only cost time), so they get no norm -- torchvision's and
+    detectron2's FrozenBN models do the same. Every other choice applies everywhere.
+    """
+    return "none" if check_norm(norm) == "FrozenBN" else norm
+
+
+def norm_layer_or_none(norm: str) -> Callable[[int], nn.Module] | None:
+    """``norm_layer=`` argument for torchvision modules: ``None`` for "none" so convs keep their bias."""
+    check_norm(norm)
+    return None if norm == "none" else norm_layer_factory(norm)
+
+
+class ResNetStem(nn.Module):
+    """conv1 (7x7, stride 2) + norm + ReLU + 3x3 max-pool: stride 4, the part before ``layer1``."""
+
+    def __init__(self, conv1: nn.Module, bn1: nn.Module) -> None:
+        super().__init__()
+        # Attribute names match torchvision's ResNet so weight files map by a plain prefix.
+        self.conv1 = conv1
+        self.bn1 = bn1
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet without its classifier, returning the C2..C5 stage outputs.
+
+    Args:
+        name: one of :data:`RESNETS`.
+        norm: norm of every ResNet layer ("FrozenBN" | "BN" | "GN" | "CrossDeviceBN").
+        trainable_layers: how many stages, counted from ``layer4`` down to the stem, are trained
+            (0-5). The others get ``requires_grad=False`` and stay in eval mode, so their norm
+            statistics do not drift either.
+    """
+
+    def __init__(self, name: str, norm: str, trainable_layers: int = 5) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"model.backbone: unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")
+        if check_norm(norm) == "none":
+            raise ValueError("model.norm: the ResNet body needs a norm; choose FrozenBN, BN, GN or CrossDeviceBN")
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"model.trainable_layers: expected 0..5, got {trainable_layers}")
+        net = RESNETS[name](weights=None, norm_layer=norm_layer_factory(norm))
+        self.name = name
+        self.stem = ResNetStem(net.conv1, net.bn1)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        c5 = net.fc.in_features
+        self.out_channels_list = [c5 // 8, c5 // 4, c5 // 2, c5]
+        self.frozen_stages = list(_STAGES_TOP_DOWN[trainable_layers:])
+        for stage in self.frozen_stages:
+            getattr(self, stage).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ResNetBody:
+        super().train(mode)
+        # A frozen stage with BN must not update running statistics in training either.
+        for stage in self.frozen_stages:
+            getattr(self, stage).eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+class ResNetFPN(nn.Module):
+    """ResNet body + torchvision's FeaturePyramidNetwork; P6 is a stride-2 max-pool of P5 (RPN only).
+
+    ``forward(images) -> [P2, P3, P4, P5, P6]``, each with ``out_channels`` channels, at strides
+    ``strides`` = (4, 8, 16, 32, 64).
+    """
+
+    strides = (4, 8, 16, 32, 64)
+
+    def __init__(self, body: ResNetBody, fpn_channels: int, fpn_norm: str = "none") -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            body.out_channels_list,
+            fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+            norm_layer=norm_layer_or_none(check_norm(fpn_norm, "fpn_norm")),
+        )
+        self.out_channels = fpn_channels
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        c = self.body(images)
+        out = self.fpn(OrderedDict((f"c{i + 2}", x) for i, x in enumerate(c)))
+        return list(out.values())
+
+
+def _shorten(names: list[str], limit: int = 4) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _body_key(torchvision_key: str) -> str:
+    """Maps a torchvision ResNet state_dict key onto :class:`ResNetBody`'s (only the stem moved)."""
+    if torchvision_key.startswith(("conv1.", "bn1.")):
+        return "stem." + torchvision_key
+    return torchvision_key
+
+
+def load_backbone_weights(body: ResNetBody, path: str | Path) -> None:
+    """Loads a torchvision-style ResNet ``state_dict`` file (e.g. ImageNet weights) into ``body``.
+
+    ``fc.*`` keys are ignored (the classifier is not part of the body) and BN's
+    ``num_batches_tracked`` counters are optional. Any other missing or unexpected key, or a shape
+    mismatch, raises a one-line ValueError naming the parameters. Never downloads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights not found (model.weights must be a local file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or non-tensor pickle: report it in one line
+        raise ValueError(f"{path}: cannot read backbone weights: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a torchvision ResNet state_dict (a mapping of names to tensors)")
+    mapped = {_body_key(k): v for k, v in state.items() if not k.startswith("fc.")}
+    own = body.state_dict()
+
+    def optional(k: str) -> bool:
+        return k.endswith("num_batches_tracked")
+
+    missing = [k for k in own if k not in mapped and not optional(k)]
+    unexpected = [k for k in mapped if k not in own and not optional(k)]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)} in {body.name}"
+        for k, v in mapped.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {_shorten(mismatched)}")
+    if missing:
+        problems.append(f"missing: {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"unexpected: {_shorten(unexpected)}")
+    if problems:
+        raise ValueError(f"{path}: does not fit backbone {body.name}: {'; '.join(problems)}")
+    # strict=False only because the optional counters may be absent; everything else was checked.
+    body.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+
+
+def build_backbone(
+    name: str,
+    norm: str,
+    fpn_channels: int,
+    trainable_layers: int,
+    weights_path: str = "",
+    fpn_norm: str | None = None,
+) -> ResNetFPN:
+    """Builds ResNet/ResNeXt + FPN; loads ``weights_path`` (a local torchvision ResNet file) if given.
+
+    ``fpn_norm`` defaults to :func:`default_head_norm` of ``norm``.
+    """
+    body = ResNetBody(name, norm, trainable_layers)
+    if weights_path:
+        load_backbone_weights(body, weights_path)
+    return ResNetFPN(body, fpn_channels, default_head_norm(norm) if fpn_norm is None else fpn_norm)

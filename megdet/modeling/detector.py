@@ -1,0 +1,253 @@
+"""The FPN R-CNN detector (Faster / Mask / Keypoint R-CNN), its config mapping and checkpoint loading.
+
+Unlike torchvision's ``GeneralizedRCNN`` there is no transform inside the model: the data pipeline
+already resized, normalised and padded the images (``Batch`` in docs/ARCHITECTURE.md), so the
+model only maps predictions back to the original image sizes when asked to.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from megdet.config import Config
+from megdet.modeling.backbone import ResNetFPN, build_backbone, check_norm, default_head_norm
+from megdet.modeling.roi_heads import BoxHead, KeypointHead, MaskHead, RoIHeads
+from megdet.modeling.rpn import RPN
+
+ImageSizes = Sequence[Sequence[int]]
+
+
+class GeneralizedRCNN(nn.Module):
+    """Backbone (+FPN) -> RPN -> RoI heads.
+
+    ``forward(images, image_sizes, targets=None, original_sizes=None)``:
+    training returns a dict of scalar losses (``loss_objectness``, ``loss_rpn_box_reg``,
+    ``loss_classifier``, ``loss_box_reg``, plus ``loss_mask`` / ``loss_keypoint`` when on); eval
+    returns per image ``boxes`` (N, 4), ``scores``, ``labels`` and, when on, ``masks``
+    (N, 1, H, W float probabilities pasted into the image) and ``keypoints`` (N, K, 3: x, y, score),
+    in ``original_sizes`` coordinates when given, else in the resized image's.
+    """
+
+    def __init__(self, backbone: ResNetFPN, rpn: RPN, roi_heads: RoIHeads, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+
+    def rpn_proposals(self, images: Tensor, image_sizes: ImageSizes, features: list[Tensor]) -> list[Tensor]:
+        """Inference proposals (one (Ni, 4) tensor per image) from already computed features."""
+        if self.training:
+            raise ValueError("rpn_proposals: call model.eval() first (training proposals need targets)")
+        proposals, _ = self.rpn(images, image_sizes, features)
+        return proposals
+
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: ImageSizes,
+        targets: list[dict[str, Tensor]] | None = None,
+        original_sizes: ImageSizes | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if len(image_sizes) != len(images):
+            raise ValueError(f"GeneralizedRCNN: {len(images)} images but {len(image_sizes)} image_sizes")
+        if self.training:
+            if targets is None or len(targets) != len(images):
+                got = "none" if targets is None else len(targets)
+                raise ValueError(f"GeneralizedRCNN: training needs one target dict per image, got {got}")
+            features = self.backbone(images)
+            proposals, rpn_losses = self.rpn(images, image_sizes, features, targets)
+            _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+            return {**rpn_losses, **roi_losses}
+        features = self.backbone(images)
+        proposals = self.rpn_proposals(images, image_sizes, features)
+        detections, _ = self.roi_heads(features, proposals, image_sizes)
+        return postprocess_detections(detections, image_sizes, original_sizes)
+
+
+def postprocess_detections(
+    detections: list[dict[str, Tensor]], image_sizes: ImageSizes, original_sizes: ImageSizes | None = None
+) -> list[dict[str, Tensor]]:
+    """Rescales boxes / keypoints to ``original_sizes`` (when given) and pastes mask probabilities
+    (``mask_probs``, box frame) into (N, 1, H, W) image-sized ``masks``."""
+    out = []
+    for i, det in enumerate(detections):
+        h, w = (int(v) for v in image_sizes[i])
+        oh, ow = (int(v) for v in original_sizes[i]) if original_sizes is not None else (h, w)
+        sx, sy = ow / w, oh / h
+        res = {"boxes": det["boxes"] * det["boxes"].new_tensor([sx, sy, sx, sy]),
+               "scores": det["scores"], "labels": det["labels"]}
+        if "mask_probs" in det:
+            res["masks"] = paste_masks_in_image(det["mask_probs"][:, None], res["boxes"], (oh, ow))
+        if "keypoints" in det:
+            kp = det["keypoints"].clone()
+            kp[..., 0] *= sx
+            kp[..., 1] *= sy
+            res["keypoints"] = kp
+        out.append(res)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Config -> constructor arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
+    """Maps ``cfg.model`` onto the explicit keyword arguments of every part (see :func:`build_model_from_kwargs`).
+
+    Returns ``{"num_classes", "backbone", "rpn", "box_head", "mask_head", "keypoint_head"}``; the
+    last two are ``None`` when the task is off. The FPN and heads use ``default_head_norm(norm)``.
+    """
+    m = cfg.model
+    check_norm(m.norm)
+    head_norm = default_head_norm(m.norm)
+    r, roi = m.rpn, m.roi
+    if m.num_classes < 1:
+        raise ValueError(f"model.num_classes: expected at least 1, got {m.num_classes}")
+    pooler = {"pooler_type": roi.pooler, "sampling_ratio": roi.sampling_ratio, "norm": head_norm}
+    return {
+        "num_classes": m.num_classes,
+        "backbone": {
+            "name": m.backbone,
+            "norm": m.norm,
+            "fpn_channels": m.fpn_channels,
+            "trainable_layers": m.trainable_layers,
+            "weights_path": m.weights,
+            "fpn_norm": head_norm,
+        },
+        "rpn": {
+            "anchor_sizes": list(r.anchor_sizes),
+            "aspect_ratios": list(r.aspect_ratios),
+            "head_convs": r.head_convs,
+            "norm": head_norm,
+            "pre_nms_top_n_train": r.pre_nms_top_n_train,
+            "post_nms_top_n_train": r.post_nms_top_n_train,
+            "pre_nms_top_n_test": r.pre_nms_top_n_test,
+            "post_nms_top_n_test": r.post_nms_top_n_test,
+            "nms_thresh": r.nms_thresh,
+            "fg_iou_thresh": r.fg_iou_thresh,
+            "bg_iou_thresh": r.bg_iou_thresh,
+            "batch_size_per_image": r.batch_size_per_image,
+            "positive_fraction": r.positive_fraction,
+        },
+        "box_head": {
+            "num_classes": m.num_classes,
+            "head_type": roi.box_head,
+            "fc_dim": roi.box_head_dim,
+            "conv_dim": roi.box_conv_dim,
+            "pool_size": roi.box_pool_size,
+            **pooler,
+            "fg_iou_thresh": roi.fg_iou_thresh,
+            "bg_iou_thresh": roi.bg_iou_thresh,
+            "batch_size_per_image": roi.batch_size_per_image,
+            "positive_fraction": roi.positive_fraction,
+            "bbox_reg_weights": list(roi.bbox_reg_weights),
+            "score_thresh": roi.score_thresh,
+            "nms_thresh": roi.nms_thresh,
+            "detections_per_img": roi.detections_per_img,
+        },
+        "mask_head": {
+            "num_classes": m.num_classes,
+            "num_convs": roi.mask_head_convs,
+            "conv_dim": roi.mask_head_dim,
+            "pool_size": roi.mask_pool_size,
+            **pooler,
+        }
+        if m.mask_on
+        else None,
+        "keypoint_head": {
+            "num_keypoints": m.num_keypoints,
+            "num_convs": roi.keypoint_head_convs,
+            "conv_dim": roi.keypoint_head_dim,
+            "pool_size": roi.keypoint_pool_size,
+            **pooler,
+        }
+        if m.keypoint_on
+        else None,
+    }
+
+
+def build_model_from_kwargs(kwargs: Mapping[str, Any]) -> GeneralizedRCNN:
+    """Builds the detector from :func:`model_kwargs_from_config`-shaped arguments."""
+    backbone = build_backbone(**kwargs["backbone"])
+    c = backbone.out_channels
+    rpn = RPN(in_channels=c, strides=backbone.strides, **kwargs["rpn"])
+    scales = [1.0 / s for s in backbone.strides[:4]]  # heads pool from P2..P5
+    box_head = BoxHead(in_channels=c, scales=scales, **kwargs["box_head"])
+    mask_kw, kp_kw = kwargs.get("mask_head"), kwargs.get("keypoint_head")
+    mask_head = MaskHead(in_channels=c, scales=scales, **mask_kw) if mask_kw else None
+    kp_head = KeypointHead(in_channels=c, scales=scales, **kp_kw) if kp_kw else None
+    return GeneralizedRCNN(backbone, rpn, RoIHeads(box_head, mask_head, kp_head), kwargs["num_classes"])
+
+
+def build_model(cfg: Config) -> GeneralizedRCNN:
+    """The detector described by ``cfg.model`` (backbone weights loaded from ``model.weights`` if set)."""
+    return build_model_from_kwargs(model_kwargs_from_config(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-model checkpoint loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_model_state` did."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the state_dict
+    unexpected: list[str] = field(default_factory=list)  # in the state_dict, not in the model
+
+    def summary(self) -> str:
+        return f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}; unexpected {len(self.unexpected)}"
+
+
+def _names(keys: Sequence[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> LoadReport:
+    """Loads ``state_dict`` into ``model``, reporting every key that does not line up.
+
+    A state_dict saved from a DistributedDataParallel wrapper (every key prefixed ``module.``) is
+    accepted. Shape mismatches always raise a one-line ValueError naming the parameters; missing or
+    unexpected keys raise when ``strict`` and produce a warning (and the report) otherwise.
+    """
+    state = dict(state_dict)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    mismatched = [
+        f"{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise ValueError(f"checkpoint does not fit the model: shape mismatch in {_names(mismatched)}")
+    report = LoadReport(
+        loaded=[k for k in state if k in own],
+        missing=[k for k in own if k not in state],
+        unexpected=[k for k in state if k not in own],
+    )
+    problems = []
+    if report.missing:
+        problems.append(f"missing {_names(report.missing)}")
+    if report.unexpected:
+        problems.append(f"unexpected {_names(report.unexpected)}")
+    if problems:
+        msg = f"checkpoint does not fit the model: {'; '.join(problems)}"
+        if strict:
+            raise ValueError(msg + " (load with strict=False to load the rest)")
+        warnings.warn(msg, stacklevel=2)
+    with torch.no_grad():
+        model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report

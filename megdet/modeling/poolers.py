@@ -1,0 +1,149 @@
+"""Multi-level RoI pooling over FPN feature maps (RoIAlign or Precise RoI Pooling)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from megdet.layers.prroi_pool import prroi_pool
+
+POOLER_TYPES = ("roialign", "prroi")
+
+
+def assign_levels(
+    boxes_cat: Tensor,
+    min_level: int,
+    max_level: int,
+    canonical_box_size: int = 224,
+    canonical_level: int = 4,
+) -> Tensor:
+    """FPN level of each box (Lin et al. 2017, eq. 1), as an index into the list of levels.
+
+    ``k = floor(canonical_level + log2(sqrt(w * h) / canonical_box_size))`` clamped to
+    ``[min_level, max_level]``; returns ``k - min_level`` (int64, shape (N,)), i.e. 0 for the
+    highest-resolution map. ``boxes_cat`` is (N, 4) xyxy in input-image coordinates.
+    """
+    if boxes_cat.dim() != 2 or boxes_cat.shape[1] != 4:
+        raise ValueError(f"assign_levels: boxes must be (N, 4) xyxy, got shape {tuple(boxes_cat.shape)}")
+    if min_level > max_level:
+        raise ValueError(f"assign_levels: min_level {min_level} > max_level {max_level}")
+    boxes = boxes_cat.float()
+    area = ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)).sqrt()
+    # The epsilon keeps degenerate (zero-area) boxes finite; they land on the finest level.
+    k = torch.floor(canonical_level + torch.log2(area / canonical_box_size + 1e-8))
+    return (k.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+
+
+def _levels_from_scales(scales: Sequence[float]) -> tuple[int, int]:
+    """Map scales 1/4, 1/8, ... to FPN levels 2, 3, ... and check they are consecutive powers of 2."""
+    if len(scales) == 0:
+        raise ValueError("MultiLevelPooler: scales is empty; give one scale per feature map, e.g. [1/4, 1/8]")
+    levels = []
+    for s in scales:
+        if s <= 0:
+            raise ValueError(f"MultiLevelPooler: scale {s} must be positive (e.g. 0.25 for stride 4)")
+        lvl = -math.log2(s)
+        if abs(lvl - round(lvl)) > 1e-3:
+            raise ValueError(f"MultiLevelPooler: scale {s} is not a power of 2 (expected 1/4, 1/8, ...)")
+        levels.append(round(lvl))
+    if levels != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(
+            f"MultiLevelPooler: scales {list(scales)} must be consecutive FPN levels, finest first"
+        )
+    return levels[0], levels[-1]
+
+
+class MultiLevelPooler(nn.Module):
+    """Pools each box from the FPN level its size selects, into a fixed-size feature.
+
+    ``forward(features, boxes)``: ``features`` are the FPN maps, highest resolution first, each
+    (B, C, H_l, W_l) with scale ``scales[l]``; ``boxes`` is a list of B tensors (N_i, 4) xyxy in
+    input-image coordinates. Returns (sum N_i, C, h, w) in the order of the concatenated boxes,
+    in the feature dtype.
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        scales: Sequence[float],
+        sampling_ratio: int = 2,
+        pooler_type: str = "roialign",
+        canonical_box_size: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__()
+        if pooler_type not in POOLER_TYPES:
+            raise ValueError(
+                f"MultiLevelPooler: unknown pooler_type {pooler_type!r}; valid: {', '.join(POOLER_TYPES)}"
+            )
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.output_size = (int(output_size[0]), int(output_size[1]))
+        self.scales = [float(s) for s in scales]
+        self.min_level, self.max_level = _levels_from_scales(self.scales)
+        self.sampling_ratio = sampling_ratio
+        self.pooler_type = pooler_type
+        self.canonical_box_size = canonical_box_size
+        self.canonical_level = canonical_level
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, scales={self.scales}, pooler_type={self.pooler_type!r}, "
+            f"sampling_ratio={self.sampling_ratio}"
+        )
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        if self.pooler_type == "prroi":
+            # prroi_pool accumulates in float32 itself and returns the feature dtype.
+            return prroi_pool(feature, rois, self.output_size, scale)
+        if feature.dtype in (torch.float16, torch.bfloat16):
+            # Box coordinates in half precision would be off by several pixels at 800+ px, so
+            # pool in float32 (what torchvision's own autocast wrapper does) and cast back.
+            out = torchvision.ops.roi_align(
+                feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio, True
+            )
+            return out.to(feature.dtype)
+        return torchvision.ops.roi_align(
+            feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio, True
+        )
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        if len(features) != len(self.scales):
+            raise ValueError(
+                f"MultiLevelPooler: got {len(features)} feature maps but {len(self.scales)} scales"
+            )
+        num_images = features[0].shape[0]
+        if len(boxes) != num_images:
+            raise ValueError(f"MultiLevelPooler: got boxes for {len(boxes)} images but a batch of {num_images}")
+        ref = features[0]
+        rois = torch.cat(
+            [
+                torch.cat([torch.full((len(b), 1), i, dtype=torch.float32, device=ref.device), b.float()], 1)
+                for i, b in enumerate(boxes)
+            ]
+        ) if num_images > 0 else ref.new_zeros((0, 5), dtype=torch.float32)
+        if len(self.scales) == 1 or rois.shape[0] == 0:
+            # One level (or nothing to pool): no assignment needed; an empty result stays attached
+            # to the graph because both poolers return it from their own op.
+            return self._pool(ref, rois, self.scales[0])
+        levels = assign_levels(
+            rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+        pooled: list[Tensor] = []
+        order: list[Tensor] = []
+        for lvl, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            pooled.append(self._pool(feature, rois[idx], scale).to(ref.dtype))
+            order.append(idx)
+        # Undo the grouping by level with one gather (cheaper in backward than per-level in-place
+        # writes, whose gradient would copy the whole output once per level).
+        perm = torch.cat(order)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return torch.cat(pooled).index_select(0, inverse)

@@ -1,0 +1,418 @@
+"""RoI heads: boxes, masks and keypoints as three small modules, composed by :class:`RoIHeads`.
+
+torchvision's ``RoIHeads`` runs all three tasks in one monolithic forward; TTA and ensembles need
+each stage alone (boxes for given proposals, masks / keypoints for given boxes), so the heads here
+are separate modules with public stage methods. They reuse torchvision's building blocks: Matcher,
+BalancedPositiveNegativeSampler and BoxCoder for sampling, its head / predictor layers, and its
+Fast R-CNN, Mask R-CNN and Keypoint R-CNN losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import fastrcnn_loss, keypointrcnn_loss, maskrcnn_loss
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as _tv_heatmaps_to_keypoints
+from torchvision.ops import (
+    Conv2dNormActivation,
+    batched_nms,
+    box_iou,
+    clip_boxes_to_image,
+    remove_small_boxes,
+)
+
+from megdet.modeling.backbone import norm_layer_or_none
+from megdet.modeling.poolers import MultiLevelPooler
+
+POOLERS = ("roialign", "prroi")
+BOX_HEADS = ("2fc", "4conv1fc")
+# The pooled levels P2..P5 (P6 only feeds the RPN).
+POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+
+ImageSizes = Sequence[Sequence[int]]
+
+
+def _check_choice(value: str, options: Sequence[str], key: str) -> str:
+    if value not in options:
+        raise ValueError(f"{key}: unknown value '{value}'; choose one of {', '.join(options)}")
+    return value
+
+
+def _make_pooler(pool_size: int, scales: Sequence[float], sampling_ratio: int, pooler_type: str) -> nn.Module:
+    _check_choice(pooler_type, POOLERS, "model.roi.pooler")
+    return MultiLevelPooler(pool_size, list(scales), sampling_ratio=sampling_ratio, pooler_type=pooler_type)
+
+
+def _split(x: Tensor, boxes: Sequence[Tensor]) -> list[Tensor]:
+    return list(x.split([len(b) for b in boxes], dim=0))
+
+
+@dataclass
+class RoISamples:
+    """The RoIs sampled for one training step, per image."""
+
+    proposals: list[Tensor]  # (Ri, 4) sampled proposals (the GT boxes took part as proposals)
+    labels: list[Tensor]  # (Ri,) int64: 0 background, 1..num_classes foreground
+    matched_idxs: list[Tensor]  # (Ri,) index of the matched GT box (0 for background RoIs)
+    regression_targets: list[Tensor]  # (Ri, 4) encoded deltas towards the matched GT box
+
+    def positives(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: the foreground RoIs and the index of their GT box."""
+        keep = [torch.where(lab > 0)[0] for lab in self.labels]
+        return (
+            [p[k] for p, k in zip(self.proposals, keep)],
+            [m[k] for m, k in zip(self.matched_idxs, keep)],
+        )
+
+
+class BoxHead(nn.Module):
+    """Box classification + class-specific regression on pooled P2..P5 features.
+
+    ``head_type`` "2fc": two fully connected layers (``fc_dim``); "4conv1fc": ``num_convs`` 3x3 convs
+    (``conv_dim``, with ``norm``) then one fc. Training samples ``batch_size_per_image`` RoIs per
+    image (``positive_fraction`` foreground, GT boxes added to the proposals); inference decodes,
+    clips, drops scores <= ``score_thresh``, runs NMS per class and keeps ``detections_per_img``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        head_type: str = "2fc",
+        fc_dim: int = 1024,
+        conv_dim: int = 256,
+        num_convs: int = 4,
+        pool_size: int = 7,
+        pooler_type: str = "roialign",
+        sampling_ratio: int = 2,
+        scales: Sequence[float] = POOLER_SCALES,
+        norm: str = "none",
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ) -> None:
+        super().__init__()
+        _check_choice(head_type, BOX_HEADS, "model.roi.box_head")
+        if len(bbox_reg_weights) != 4:
+            raise ValueError(f"model.roi.bbox_reg_weights: expected 4 numbers, got {list(bbox_reg_weights)}")
+        self.num_classes = num_classes
+        self.num_levels = len(scales)
+        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
+        if head_type == "2fc":
+            self.head: nn.Module = TwoMLPHead(in_channels * pool_size**2, fc_dim)
+        else:
+            self.head = FastRCNNConvFCHead(
+                (in_channels, pool_size, pool_size), [conv_dim] * num_convs, [fc_dim], norm_layer_or_none(norm)
+            )
+        self.predictor = FastRCNNPredictor(fc_dim, num_classes + 1)  # + background
+        # Small initial logits / deltas: training from scratch starts near uniform and unmoved boxes.
+        nn.init.normal_(self.predictor.cls_score.weight, std=0.01)
+        nn.init.normal_(self.predictor.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.predictor.cls_score.bias)
+        nn.init.zeros_(self.predictor.bbox_pred.bias)
+
+        self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.box_coder = det_utils.BoxCoder(tuple(float(w) for w in bbox_reg_weights))
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    @torch.no_grad()
+    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> RoISamples:
+        """Matches proposals (+ the GT boxes) to GT and samples the training RoIs of each image."""
+        all_props, all_labels, all_matched, all_gt = [], [], [], []
+        for props, target in zip(proposals, targets):
+            gt = target["boxes"].to(props.dtype)
+            props = torch.cat([props, gt])  # every object gets at least one positive RoI
+            if len(gt) == 0:
+                matched = torch.zeros(len(props), dtype=torch.int64, device=props.device)
+                labels = torch.zeros_like(matched)
+                gt = props.new_zeros((1, 4))  # regression targets of background RoIs are never used
+            else:
+                m = self.matcher(box_iou(gt, props))
+                matched = m.clamp(min=0)
+                labels = target["labels"].to(torch.int64)[matched]
+                labels[m == self.matcher.BELOW_LOW_THRESHOLD] = 0
+                labels[m == self.matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+            all_props.append(props)
+            all_labels.append(labels)
+            all_matched.append(matched)
+            all_gt.append(gt)
+
+        pos_masks, neg_masks = self.sampler(all_labels)
+        samples = RoISamples([], [], [], [])
+        matched_boxes = []
+        for props, labels, matched, gt, pos, neg in zip(
+            all_props, all_labels, all_matched, all_gt, pos_masks, neg_masks
+        ):
+            keep = torch.where(pos.bool() | neg.bool())[0]
+            samples.proposals.append(props[keep])
+            samples.labels.append(labels[keep])
+            samples.matched_idxs.append(matched[keep])
+            matched_boxes.append(gt[matched[keep]])
+        samples.regression_targets = list(self.box_coder.encode(matched_boxes, samples.proposals))
+        return samples
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Class logits (R, C+1) and per-class box deltas (R, (C+1)*4) for all images' boxes, float32."""
+        x = self.pooler(features[: self.num_levels], boxes)
+        logits, deltas = self.predictor(self.head(x))
+        return logits.float(), deltas.float()
+
+    def loss(self, logits: Tensor, deltas: Tensor, samples: RoISamples) -> dict[str, Tensor]:
+        """Cross-entropy over the sampled RoIs and smooth-L1 on the foreground ones (torchvision's)."""
+        loss_cls, loss_box = fastrcnn_loss(logits, deltas, samples.labels, samples.regression_targets)
+        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+
+    @torch.no_grad()
+    def postprocess(
+        self, logits: Tensor, deltas: Tensor, proposals: list[Tensor], image_sizes: ImageSizes
+    ) -> list[dict[str, Tensor]]:
+        """Final detections per image: ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) in 1..C."""
+        num_fg = logits.shape[1] - 1
+        boxes_all = self.box_coder.decode(deltas, proposals)  # (R, C+1, 4)
+        probs_all = F.softmax(logits, dim=-1)
+        results = []
+        for boxes, probs, size in zip(_split(boxes_all, proposals), _split(probs_all, proposals), image_sizes):
+            boxes = clip_boxes_to_image(boxes, (int(size[0]), int(size[1])))[:, 1:].reshape(-1, 4)
+            scores = probs[:, 1:].reshape(-1)
+            labels = torch.arange(1, num_fg + 1, device=logits.device).repeat(len(probs))
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results
+
+
+class MaskHead(nn.Module):
+    """FCN mask head: ``num_convs`` 3x3 convs (+ norm), a 2x deconv and a 1x1 predictor per class.
+
+    Outputs (R, C+1, 2*pool_size, 2*pool_size) logits; training uses torchvision's ``maskrcnn_loss``
+    (GT masks cropped to each RoI with RoIAlign, binary cross-entropy on the RoI's own class).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        num_convs: int = 4,
+        conv_dim: int = 256,
+        pool_size: int = 14,
+        pooler_type: str = "roialign",
+        sampling_ratio: int = 2,
+        scales: Sequence[float] = POOLER_SCALES,
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        self.num_levels = len(scales)
+        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
+        self.convs = MaskRCNNHeads(in_channels, [conv_dim] * num_convs, 1, norm_layer_or_none(norm))
+        width = conv_dim if num_convs > 0 else in_channels
+        self.predictor = MaskRCNNPredictor(width, conv_dim, num_classes + 1)
+        self.mask_size = 2 * pool_size
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        x = self.pooler(features[: self.num_levels], boxes)
+        return self.predictor(self.convs(x)).float()
+
+    def loss(
+        self, logits: Tensor, boxes: list[Tensor], matched_idxs: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> Tensor:
+        gt_masks = [t["masks"] for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        return maskrcnn_loss(logits, boxes, gt_masks, gt_labels, matched_idxs)
+
+    @staticmethod
+    def probs(logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
+        """Per image (N, M, M) sigmoid probabilities of each box's own label."""
+        flat = torch.cat(labels) if labels else logits.new_zeros((0,), dtype=torch.int64)
+        idx = torch.arange(len(flat), device=logits.device)
+        return _split(logits[idx, flat].sigmoid(), labels)
+
+
+class KeypointHead(nn.Module):
+    """``num_convs`` 3x3 convs (+ norm), a 2x deconv and a 2x bilinear upsample: K heatmaps.
+
+    With ``pool_size`` 14 the heatmaps are 56x56. Our conv stack instead of torchvision's
+    ``KeypointRCNNHeads`` because that one has no norm argument; the predictor is torchvision's.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_keypoints: int = 17,
+        num_convs: int = 8,
+        conv_dim: int = 512,
+        pool_size: int = 14,
+        pooler_type: str = "roialign",
+        sampling_ratio: int = 2,
+        scales: Sequence[float] = POOLER_SCALES,
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        self.num_levels = len(scales)
+        self.num_keypoints = num_keypoints
+        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
+        norm_layer = norm_layer_or_none(norm)
+        layers: list[nn.Module] = []
+        width = in_channels
+        for _ in range(num_convs):
+            layers.append(Conv2dNormActivation(width, conv_dim, kernel_size=3, norm_layer=norm_layer))
+            width = conv_dim
+        self.convs = nn.Sequential(*layers)
+        for m in self.convs.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.predictor = KeypointRCNNPredictor(width, num_keypoints)
+        self.heatmap_size = 4 * pool_size
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        x = self.pooler(features[: self.num_levels], boxes)
+        return self.predictor(self.convs(x)).float()
+
+    def loss(
+        self, logits: Tensor, boxes: list[Tensor], matched_idxs: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> Tensor:
+        """torchvision's softmax-over-the-heatmap loss, averaged over the labelled keypoints (v > 0)
+        that fall inside their RoI; 0 (finite, attached to the graph) when there are none."""
+        gt = [t["keypoints"] for t in targets]
+        return keypointrcnn_loss(logits, boxes, gt, matched_idxs)
+
+
+def heatmaps_to_keypoints(heatmaps: Tensor, boxes: Tensor) -> Tensor:
+    """(N, K, S, S) heatmap logits of N boxes (N, 4) -> (N, K, 3) keypoints as image x, y, score.
+
+    The location is the heatmap's arg-max after a bicubic resize to the box size (torchvision's
+    ``heatmaps_to_keypoints``); the score is the logit there.
+    """
+    if len(boxes) == 0:
+        return heatmaps.new_zeros((0, heatmaps.shape[1], 3), dtype=torch.float32)
+    xy, scores = _tv_heatmaps_to_keypoints(heatmaps.float(), boxes.float())
+    xy = xy.clone()
+    xy[..., 2] = scores
+    return xy
+
+
+def _zero_size(keypoints: Tensor) -> Tensor:
+    return torch.zeros((0,), dtype=torch.bool, device=keypoints.device)
+
+
+class RoIHeads(nn.Module):
+    """The box head, plus an optional mask head and keypoint head, over shared pyramid features.
+
+    Training: ``forward(features, proposals, image_sizes, targets) -> ([], losses)``. The mask head
+    trains on the foreground RoIs; the keypoint head only on foreground RoIs whose matched GT
+    instance has at least one labelled keypoint (in the data, only persons carry keypoints).
+    Eval: ``-> (detections, {})`` with per image ``boxes``, ``scores``, ``labels`` and, when the heads
+    are on, ``mask_probs`` (N, M, M) in each box's frame and ``keypoints`` (N, K, 3), all in the
+    coordinates of ``image_sizes``.
+    """
+
+    def __init__(
+        self,
+        box_head: BoxHead,
+        mask_head: MaskHead | None = None,
+        keypoint_head: KeypointHead | None = None,
+    ) -> None:
+        super().__init__()
+        self.box_head = box_head
+        self.mask_head = mask_head
+        self.keypoint_head = keypoint_head
+
+    def _check_targets(self, targets: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]]:
+        if targets is None:
+            raise ValueError("RoIHeads: targets are required in training mode (call model.eval() for inference)")
+        needed = ["boxes", "labels"]
+        needed += ["masks"] if self.mask_head is not None else []
+        needed += ["keypoints"] if self.keypoint_head is not None else []
+        for i, t in enumerate(targets):
+            for key in needed:
+                if key not in t:
+                    raise ValueError(f"targets[{i}] has no '{key}' (needed by the configured heads)")
+        return targets
+
+    def forward(
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: ImageSizes,
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if not self.training:
+            return self.predict(features, proposals, image_sizes), {}
+        targets = self._check_targets(targets)
+        samples = self.box_head.sample(proposals, targets)
+        logits, deltas = self.box_head(features, samples.proposals)
+        losses = self.box_head.loss(logits, deltas, samples)
+        pos_boxes, pos_matched = samples.positives()
+        # The mask / keypoint heads run even on zero RoIs: a cross-device BN inside them must take
+        # part in its collectives on every device, and every parameter gets a (zero) gradient.
+        if self.mask_head is not None:
+            mask_logits = self.mask_head(features, pos_boxes)
+            losses["loss_mask"] = self.mask_head.loss(mask_logits, pos_boxes, pos_matched, targets)
+        if self.keypoint_head is not None:
+            kp_boxes, kp_matched = [], []
+            for boxes, matched, t in zip(pos_boxes, pos_matched, targets):
+                kps = t["keypoints"]
+                labelled = (kps[..., 2] > 0).any(dim=1) if len(kps) else _zero_size(kps)
+                sel = labelled[matched]
+                kp_boxes.append(boxes[sel])
+                kp_matched.append(matched[sel])
+            kp_logits = self.keypoint_head(features, kp_boxes)
+            losses["loss_keypoint"] = self.keypoint_head.loss(kp_logits, kp_boxes, kp_matched, targets)
+        return [], losses
+
+    @torch.no_grad()
+    def predict(
+        self, features: list[Tensor], proposals: list[Tensor], image_sizes: ImageSizes
+    ) -> list[dict[str, Tensor]]:
+        """Boxes, then masks and keypoints for the detected boxes (the eval forward)."""
+        detections = self.detect_boxes(features, proposals, image_sizes)
+        boxes = [d["boxes"] for d in detections]
+        if self.mask_head is not None:
+            for d, probs in zip(detections, self.mask_probs(features, boxes, [d["labels"] for d in detections])):
+                d["mask_probs"] = probs
+        if self.keypoint_head is not None:
+            for d, heat, b in zip(detections, self.keypoint_heatmaps(features, boxes), boxes):
+                d["keypoints"] = heatmaps_to_keypoints(heat, b)
+        return detections
+
+    def detect_boxes(
+        self, features: list[Tensor], proposals: list[Tensor], image_sizes: ImageSizes
+    ) -> list[dict[str, Tensor]]:
+        """Per image ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) for the given proposals."""
+        logits, deltas = self.box_head(features, proposals)
+        return self.box_head.postprocess(logits, deltas, proposals, image_sizes)
+
+    def mask_probs(self, features: list[Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
+        """Per image (N, M, M) mask probabilities (box frame) of each box's own label."""
+        if self.mask_head is None:
+            raise ValueError("mask_probs: this model has no mask head (model.mask_on is false)")
+        return MaskHead.probs(self.mask_head(features, boxes), labels)
+
+    def keypoint_heatmaps(self, features: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        """Per image (N, K, S, S) keypoint heatmap logits for the given boxes."""
+        if self.keypoint_head is None:
+            raise ValueError("keypoint_heatmaps: this model has no keypoint head (model.keypoint_on is false)")
+        return _split(self.keypoint_head(features, boxes), boxes)

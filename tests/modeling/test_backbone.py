@@ -1,0 +1,164 @@
+"""ResNet + FPN backbone: shapes, norms, frozen stages, weight files, recomputation names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from megdet.layers.recompute import Recompute, apply_recompute
+from megdet.modeling.backbone import (
+    RECOMPUTE_STAGES,
+    ResNetBody,
+    build_backbone,
+    default_head_norm,
+    load_backbone_weights,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "BN", "GN", "CrossDeviceBN"])
+def test_pyramid_shapes_and_backward_for_each_norm(norm: str) -> None:
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", norm, fpn_channels=32, trainable_layers=5, fpn_norm=None).train()
+    x = torch.randn(2, 3, 64, 96)
+    feats = bb(x)
+    assert bb.out_channels == 32
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 32, 16, 24), (2, 32, 8, 12), (2, 32, 4, 6), (2, 32, 2, 3), (2, 32, 1, 2),
+    ]  # fmt: skip
+    assert all(torch.isfinite(f).all() for f in feats)
+    sum(f.mean() for f in feats).backward()
+    conv1 = bb.body.stem.conv1.weight
+    assert conv1.grad is not None and conv1.grad.abs().sum() > 0
+    # FrozenBN keeps the FPN norm-free (nothing to freeze in new layers); other norms apply there too.
+    fpn_norms = [m for m in bb.fpn.modules() if not isinstance(m, (nn.Conv2d, nn.Sequential)) and m is not bb.fpn]
+    has_norm = any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d)) for m in fpn_norms)
+    assert has_norm == (norm != "FrozenBN")
+    body_norm_types = {type(m).__name__ for m in bb.body.modules() if "Norm" in type(m).__name__}
+    expected = {"FrozenBN": "FrozenBatchNorm2d", "BN": "BatchNorm2d", "GN": "GroupNorm",
+                "CrossDeviceBN": "CrossDeviceBatchNorm2d"}[norm]  # fmt: skip
+    assert body_norm_types == {expected}
+
+
+def test_resnet50_channels_and_p6_is_subsampled_p5() -> None:
+    bb = build_backbone("resnet50", "FrozenBN", fpn_channels=16, trainable_layers=3).eval()
+    assert bb.body.out_channels_list == [256, 512, 1024, 2048]
+    with torch.no_grad():
+        feats = bb(torch.randn(1, 3, 96, 64))
+    assert torch.equal(feats[4], feats[3][:, :, ::2, ::2])
+    assert bb.strides == (4, 8, 16, 32, 64)
+
+
+def test_trainable_layers_freeze_stem_and_early_stages() -> None:
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", "BN", fpn_channels=16, trainable_layers=2).train()
+    body = bb.body
+    assert body.frozen_stages == ["layer2", "layer1", "stem"]
+    for stage in ("stem", "layer1", "layer2"):
+        mod = getattr(body, stage)
+        assert not any(p.requires_grad for p in mod.parameters())
+        assert not mod.training  # frozen BN statistics do not drift in training
+    assert all(p.requires_grad for p in body.layer3.parameters())
+    before = body.stem.bn1.running_mean.clone()
+    before_l3 = body.layer3[0].bn1.running_mean.clone()
+    sum(f.sum() for f in bb(torch.randn(2, 3, 64, 64))).backward()
+    assert torch.equal(body.stem.bn1.running_mean, before)
+    assert not torch.equal(body.layer3[0].bn1.running_mean, before_l3)
+    assert body.layer1[0].conv1.weight.grad is None
+    assert body.layer3[0].conv1.weight.grad is not None
+
+
+def test_trainable_layers_zero_and_bad_values() -> None:
+    body = ResNetBody("resnet18", "BN", trainable_layers=0)
+    assert not any(p.requires_grad for p in body.parameters())
+    with pytest.raises(ValueError, match="model.trainable_layers"):
+        ResNetBody("resnet18", "BN", trainable_layers=6)
+    with pytest.raises(ValueError, match="model.backbone: unknown backbone 'resnet19'"):
+        build_backbone("resnet19", "BN", 16, 5)
+    with pytest.raises(ValueError, match="model.norm: unknown norm 'LN'"):
+        build_backbone("resnet18", "LN", 16, 5)
+
+
+def test_load_backbone_weights_from_torchvision_file(tmp_path) -> None:
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():  # non-trivial statistics, to see them arrive
+        ref.bn1.running_mean.uniform_(-1, 1)
+        ref.layer4[1].bn2.running_var.uniform_(0.5, 2)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+
+    for norm in ("BN", "FrozenBN"):
+        bb = build_backbone("resnet18", norm, fpn_channels=16, trainable_layers=5, weights_path=str(path))
+        body = bb.body
+        assert torch.equal(body.stem.conv1.weight, ref.conv1.weight)
+        assert torch.equal(body.stem.bn1.running_mean, ref.bn1.running_mean)
+        assert torch.equal(body.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
+        assert torch.equal(body.layer3[0].downsample[0].weight, ref.layer3[0].downsample[0].weight)
+
+    # Same network, same outputs: the C5 map equals torchvision's forward up to the pooling.
+    ref.eval()
+    body = ResNetBody("resnet18", "BN").eval()
+    load_backbone_weights(body, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        c5 = body(x)[-1]
+        expected = torch.nn.Sequential(*list(ref.children())[:-2])(x)
+    torch.testing.assert_close(c5, expected)
+
+
+def test_load_backbone_weights_errors_name_the_parameter(tmp_path) -> None:
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    bad = dict(state)
+    bad["layer2.0.conv1.weight"] = torch.zeros(1, 1, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(bad, path)
+    body = ResNetBody("resnet18", "BN")
+    with pytest.raises(ValueError, match=r"shape mismatch: layer2\.0\.conv1\.weight \(1, 1, 3, 3\)") as e:
+        load_backbone_weights(body, path)
+    assert "\n" not in str(e.value)
+
+    missing = {k: v for k, v in state.items() if not k.startswith("layer4.1.")}
+    torch.save(missing, path)
+    with pytest.raises(ValueError, match=r"missing: layer4\.1\.conv1\.weight"):
+        load_backbone_weights(body, path)
+
+    # A ResNet-50 file does not fit a ResNet-18 body.
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit backbone resnet18: shape mismatch"):
+        load_backbone_weights(body, path)
+
+    with pytest.raises(FileNotFoundError, match="backbone weights not found"):
+        load_backbone_weights(body, tmp_path / "nope.pth")
+
+
+def test_default_head_norm() -> None:
+    assert default_head_norm("FrozenBN") == "none"
+    assert default_head_norm("GN") == "GN"
+    with pytest.raises(ValueError, match="model.norm"):
+        default_head_norm("batchnorm")
+
+
+def test_recompute_stage_names_wrap_and_keep_results() -> None:
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", "GN", fpn_channels=16, trainable_layers=5).train()
+    x = torch.randn(1, 3, 64, 64)
+    ref = bb(x)
+    sum(f.sum() for f in ref).backward()
+    grads = {n: p.grad.clone() for n, p in bb.named_parameters()}
+    keys = list(bb.state_dict())
+
+    apply_recompute(bb, RECOMPUTE_STAGES)
+    assert isinstance(bb.body.layer2, Recompute) and isinstance(bb.fpn, Recompute)
+    assert list(bb.state_dict()) == keys
+    bb.zero_grad()
+    out = bb(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    sum(f.sum() for f in out).backward()
+    for n, p in bb.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n.replace(".inner.", ".", 1)], rtol=1e-4, atol=1e-5)
