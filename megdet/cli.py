@@ -90,10 +90,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from megdet.engine.distributed import launch_local
 
         return launch_local(args.nproc, _strip_nproc(args.raw_argv))
-    from megdet.engine.trainer import train
+    from megdet.engine.trainer import NonFiniteLossError, train
 
-    train(cfg, resume=args.resume)
-    return 0
+    try:
+        summary = train(cfg, resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"megdet: error: {e}", file=sys.stderr)
+        return 1
+    # 143 = 128 + SIGTERM: a scheduler sees that the run stopped early (its checkpoint is saved).
+    return 143 if summary.get("interrupted") else 0
 
 
 def _strip_nproc(argv: Sequence[str]) -> list[str]:

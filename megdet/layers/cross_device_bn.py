@@ -102,10 +102,17 @@ class _CrossDeviceBatchNormFunction(torch.autograd.Function):
         # Only a rank that itself holds <= 1 value per channel can see a group total <= 1 (and then every
         # rank does, so all raise together); the host sync is paid only in that rare case.
         if local_count <= 1 and count.item() <= 1:
-            raise ValueError(
-                f"CrossDeviceBatchNorm2d: expected more than 1 value per channel across the group when "
-                f"training, got {int(count.item())} (input shape {tuple(x.shape)} on this rank)"
-            )
+            if count.item() == 0:
+                # The whole group is empty (e.g. a RoI head with no RoI on any device): like
+                # nn.BatchNorm2d on an empty batch, the output is empty and the running statistics
+                # stay as they are. The backward still takes part in its all-reduce on every rank.
+                count = torch.ones_like(count)
+                update_factor = 0.0
+            else:
+                raise ValueError(
+                    f"CrossDeviceBatchNorm2d: expected more than 1 value per channel across the group when "
+                    f"training, got {int(count.item())} (input shape {tuple(x.shape)} on this rank)"
+                )
         mean = packed[:channels] / count
         var = (packed[channels: 2 * channels] / count - mean * mean).clamp_min(0.0)
         invstd = torch.rsqrt(var + eps)

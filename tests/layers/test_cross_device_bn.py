@@ -197,6 +197,18 @@ def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
         assert y.dtype == torch.bfloat16 and whole.weight.grad.dtype == torch.bfloat16
         assert torch.isfinite(y.float()).all() and torch.isfinite(whole.weight.grad.float()).all()
 
+        # Every rank empty (a RoI head with no RoI on any device): an empty output, zero parameter
+        # gradients, running statistics unchanged, and both collectives still run on every rank.
+        empty = CrossDeviceBatchNorm2d(C).double()
+        stats_before = (empty.running_mean.clone(), empty.running_var.clone())
+        x_empty = torch.zeros(0, C, 3, 3, dtype=torch.float64, requires_grad=True)
+        with _CountAllReduce() as count_empty:
+            y_empty = empty(x_empty)
+            y_empty.sum().backward()
+        assert y_empty.shape == x_empty.shape and count_empty.calls == 2
+        assert torch.equal(empty.weight.grad, torch.zeros_like(empty.weight))
+        assert torch.equal(empty.running_mean, stats_before[0]) and torch.equal(empty.running_var, stats_before[1])
+
         _save({"checked": checked, "forward_calls": forward_calls, "backward_calls": backward_calls,
                "no_input_grad_calls": no_input_grad_calls, "eval_calls": count.calls}, run_dir, rank)
     finally:
