@@ -224,6 +224,43 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# demo, bench
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from megdet.demo import run_demo
+
+    if not Path(args.config).is_file():
+        raise CliError(f"{args.config}: demo config not found (run from the repository root, or pass --config)")
+    run_demo(out_dir=args.out, config=args.config, nproc=args.nproc, overrides=args.overrides)
+    return 0
+
+
+def _benchmarks_dir() -> Path:
+    for candidate in (Path.cwd() / "benchmarks", Path(__file__).resolve().parents[1] / "benchmarks"):
+        if candidate.is_dir():
+            return candidate
+    raise CliError("no benchmarks/ folder here: run `megdet bench` from the repository root")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    folder = _benchmarks_dir()
+    names = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    if args.name not in names:
+        raise CliError(f"unknown benchmark '{args.name}'; available: {', '.join(names)}")
+    sys.argv = [str(folder / f"{args.name}.py"), *args.bench_args]
+    sys.path.insert(0, str(folder))
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------------
 
@@ -332,6 +369,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     pr.set_defaults(func=_cmd_predict)
+    # demo -------------------------------------------------------------------------------------
+    d = sub.add_parser(
+        "demo",
+        help="generate the synthetic dataset, train, evaluate (with and without TTA) and write a report",
+        description="The main job on the embedded default dataset: synthetic data -> training with N "
+        "processes (cross-device BN, linear-scaled lr with warmup) -> COCO evaluation with and without "
+        "test-time augmentation -> OUT/report.md with AP tables, plots and example predictions.",
+        epilog=_EPILOG_OVERRIDES,
+    )
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--config", default="configs/demo.yaml", help="config (default configs/demo.yaml)")
+    d.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    d.set_defaults(func=_cmd_demo)
+
+    # bench ------------------------------------------------------------------------------------
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark script from benchmarks/ (prints a table, writes JSON)",
+        description="Run benchmarks/NAME.py with the remaining arguments (e.g. `megdet bench prroi_pool --quick`).",
+    )
+    b.add_argument("name", help="benchmark name, e.g. train_step, prroi_pool, data_loader")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -15,7 +15,7 @@ def test_help_lists_only_working_commands(capsys: pytest.CaptureFixture[str]) ->
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("data", "train"):
+    for command in ("data", "train", "eval", "predict", "demo", "bench"):
         assert command in out
     actions = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name, sub in actions.items():
@@ -62,3 +62,9 @@ def test_config_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--print-config", "model.backbon=resnet50"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "megdet: error: unknown config key 'model.backbon'; did you mean 'model.backbone'?"
+
+
+def test_bench_names_the_available_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "no_such_benchmark"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'no_such_benchmark'" in err and "train_step" in err
