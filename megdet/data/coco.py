@@ -152,6 +152,12 @@ class CocoDetection(torch.utils.data.Dataset):
                     )
                 if c.get("keypoints"):
                     kp_cats.append((self.keypoints_json, c))
+        # The categories as the files list them, the keypoint file's keypoints/skeleton merged in:
+        # checkpoints store this so that predictions can be named and drawn without the dataset.
+        merged = {cid: dict(c) for cid, c in cats.items()}
+        for _, c in kp_cats:
+            merged[int(c["id"])].update({k: c[k] for k in ("keypoints", "skeleton") if k in c})
+        self.categories: list[dict[str, Any]] = [merged[cid] for cid in self.coco_category_ids]
         self.keypoint_names: list[str] = []
         if kp_cats:
             self.keypoint_names = [str(n) for n in kp_cats[-1][1]["keypoints"]]

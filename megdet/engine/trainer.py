@@ -43,7 +43,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from megdet.config import Config, ConfigError, config_to_dict, dump_config
-from megdet.engine.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from megdet.engine.checkpoint import (
+    CheckpointManager,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from megdet.engine.distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -489,6 +495,7 @@ def _run(
     # ---- data and schedule ------------------------------------------------------------------------
     loader = build_train_loader(cfg, rank, world, start_iter=start_iter * t.grad_accum_steps)
     info = schedule_for(cfg, world, len(loader.dataset))
+    categories = list(getattr(getattr(loader.dataset, "dataset", loader.dataset), "categories", []))
     if ckpt is not None:
         saved = ckpt.get("schedule", {}).get("global_batch")
         if saved is not None and int(saved) != info.global_batch:
@@ -560,8 +567,17 @@ def _run(
             "sampler_position": iteration * t.grad_accum_steps,
             "rng": rngs,
             "config": config_to_dict(cfg),
+            "categories": categories,
             "schedule": dataclasses.asdict(info),
             "world_size": world,
+        }
+
+    def weights_state(iteration: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "iteration": iteration,
+            "config": config_to_dict(cfg),
+            "categories": categories,
         }
 
     def save(iteration: int) -> Path:
@@ -666,6 +682,15 @@ def _run(
             ):
                 # Resumed at (or past) the end: still leave the final checkpoint in place.
                 last_path = save(iteration)
+        if main and not interrupted and last_path is not None:
+            # A stable name for the finished model (what `megdet eval/predict --weights` take): the model,
+            # its config and categories only, without the training state.
+            save_checkpoint(out_dir / "model_final.pt", weights_state(iteration))
+            _write_text_atomic(
+                out_dir / "summary.json",
+                json.dumps({"iteration": iteration, "checkpoint": str(last_path), **dataclasses.asdict(info)},
+                           indent=2, default=str),
+            )
     finally:
         log.close()
         del data_iter

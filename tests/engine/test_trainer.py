@@ -378,3 +378,17 @@ def test_resolved_schedule_text(tiny_cfg) -> None:
     assert "global batch 16" in text and "0.02 x 16 / 16 = 0.02" in text
     assert "iterations: 12 total, 1 per epoch (8 images" in text
     assert "decay iterations: [8, 11]" in text
+
+
+def test_finished_run_leaves_model_final_with_categories(tiny_cfg) -> None:
+    from megdet.engine.checkpoint import load_checkpoint
+
+    cfg = tiny_cfg("train.max_iters=2", "train.checkpoint_period=100")
+    train(cfg)
+    out = Path(cfg.train.out_dir)
+    final = load_checkpoint(out / "model_final.pt")
+    assert set(final) == {"model", "iteration", "config", "categories"} and final["iteration"] == 2
+    names = [c["name"] for c in final["categories"]]
+    assert names[-1] == "person" and final["categories"][-1]["skeleton"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iteration"] == 2 and summary["global_batch"] >= 1
