@@ -66,7 +66,10 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[
     if evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         for task in TASK_KEYS:
-            pts = [(r["iter"], r["eval"][task]["stats"]["AP"]) for r in evals if task in r["eval"]]
+            # metrics.jsonl holds each task's stats flat; eval.json nests them under "stats"
+            pts = [
+                (r["iter"], r["eval"][task].get("stats", r["eval"][task])["AP"]) for r in evals if task in r["eval"]
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{task} AP")
         ax.set_xlabel("iteration")
