@@ -73,7 +73,7 @@ def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch)
     assert state["sampler_position"] == 16
     # Per-rank RNG streams differ (each rank samples its own proposals).
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert [p.name for p in sorted(out.glob("model_*.pt"))] == ["model_0000004.pt", "model_0000008.pt"]
+    assert [p.name for p in sorted(out.glob("model_*.pt"))] == ["model_0000004.pt", "model_0000008.pt", "model_final.pt"]
 
 
 def test_launch_local_reports_a_failing_worker(tmp_path, capsys) -> None:
