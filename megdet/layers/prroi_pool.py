@@ -18,24 +18,29 @@ in the edges, so the RoI-coordinate gradient comes from autograd through ``Ax`` 
 Cost. Only the feature cells a RoI touches matter, so each RoI reads a window of the map (its
 touched cells, plus one for the interpolation support) rather than the whole map. RoIs are sorted
 by window size and processed in chunks that share one padded window size, so one gather and two
-batched matmuls serve a whole chunk. The gather runs over a channels-last view (each window
-element is one contiguous run of C values). A hand-written backward scatter-adds
-``Ay^T @ dOut @ Ax`` into the window with ``index_add_`` and re-gathers the window only when
-the RoI gradient is needed, so nothing of window size is kept between forward and backward.
+batched matmuls serve a whole chunk. The gather reads a channels-last copy of the map (each window
+element is then one contiguous run of C values; gathering from NCHW directly measured ~4x slower
+per element on CPU, more than the copy costs). A hand-written backward scatter-adds
+``Ay^T @ dOut @ Ax`` into a channels-last gradient with ``index_add_`` and re-gathers the windows
+only when the RoI gradient is needed, so no window-sized tensor lives between forward and backward.
+:func:`prroi_pool_levels` does all FPN levels in one call, writing each RoI straight to its row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-# Padded-window waste tolerated inside one chunk (padded volume / real volume) before starting a
-# new one, the smallest chunk worth a separate batched matmul, and a cap on the gathered window
-# elements of one chunk (16 MiB in float32: small temporaries are reused by the allocator,
-# large ones are fresh pages every time, which costs more than the arithmetic on CPU).
-_CHUNK_SLACK = 1.3
-_MIN_CHUNK = 8
-_MAX_CHUNK_ELEMS = 1 << 22
+# Chunking: the padded-window waste tolerated inside one chunk (padded volume / real volume)
+# before starting a new one; the smallest chunk worth its own batched matmuls (few chunks means
+# few parallel regions, which matters on a busy machine); and a cap on the bytes of one chunk's
+# gathered windows. Below ~32 MiB glibc serves and reuses temporaries from its heap; above it every
+# allocation is fresh pages, whose faults cost more than the arithmetic on CPU.
+_CHUNK_SLACK = 2.0
+_MIN_CHUNK = 16
+_MAX_CHUNK_BYTES = 24 << 20
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -65,8 +70,11 @@ def _bin_weights(lo: Tensor, size: Tensor, bins: int, start: Tensor, k: int) -> 
     return prim[:, 1:] - prim[:, :-1]
 
 
-def _plan_chunks(kx: list[int], ky: list[int], channels: int) -> list[tuple[int, int, int, int]]:
-    """Split RoIs (already sorted by window area) into (start, end, Ky, Kx) chunks."""
+def _plan_chunks(
+    kx: list[int], ky: list[int], channels: int, max_elems: int
+) -> list[tuple[int, int, int, int]]:
+    """Split RoIs (sorted by window area) into (start, end, Ky, Kx) chunks of at most ``max_elems``
+    gathered elements (a single RoI may exceed it), each padded to its largest window."""
     chunks = []
     n = len(kx)
     s = 0
@@ -76,7 +84,7 @@ def _plan_chunks(kx: list[int], ky: list[int], channels: int) -> list[tuple[int,
         while e < n:
             nx, ny = max(mx, kx[e]), max(my, ky[e])
             padded = (e - s + 1) * nx * ny
-            if padded * channels > _MAX_CHUNK_ELEMS and e > s:
+            if padded * channels > max_elems:
                 break
             if e - s >= _MIN_CHUNK and padded > _CHUNK_SLACK * (real + kx[e] * ky[e]):
                 break
@@ -112,47 +120,61 @@ def _from_channels_last(flat: Tensor, shape: torch.Size, dtype: torch.dtype) -> 
 
 
 class _Plan:
-    """Per chunk of RoIs sharing one padded window: output rows, window row starts, window size."""
+    """The chunks of one call: per chunk, its pyramid level, output rows, window row starts, width."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_levels: int) -> None:
+        self.num_levels = num_levels
+        self.level: list[int] = []
         self.rows: list[Tensor] = []  # (n,) positions in the output
         self.starts: list[Tensor] = []  # (n, Ky) flat channels-last index of each window row's first cell
         self.kx: list[int] = []
 
+    def chunks(self, weights: tuple[Tensor, ...] | list[Tensor]):
+        """(level, rows, starts, Kx, Ay, Ax) per chunk."""
+        return zip(self.level, self.rows, self.starts, self.kx, weights[0::2], weights[1::2])
+
 
 class _WindowPool(torch.autograd.Function):
-    """out[r] = Ay[r] @ window_r @ Ax[r]^T per channel, chunk by chunk.
+    """out[r] = Ay[r] @ window_r @ Ax[r]^T per channel, chunk by chunk, over one or more maps.
 
-    Inputs: features (N, C, H, W), a :class:`_Plan`, the number of RoIs, then per chunk the
-    weights Ay (n, ph, Ky) and Ax (n, pw, Kx) (Ay already divided by the bin area). Output
-    (R, C, ph, pw) in the feature dtype. Every temporary is per chunk and kept small: large fresh
-    allocations cost page faults that dominate CPU time here.
+    Inputs: a :class:`_Plan`, the number of RoIs, the feature maps (one per level, each
+    (N, C, H_l, W_l)), then per chunk the weights Ay (n, ph, Ky) and Ax (n, pw, Kx) (Ay already
+    divided by the bin area). Output (R, C, ph, pw) in the feature dtype, each RoI written straight
+    to its row. Every temporary is per chunk and kept small: large fresh allocations cost page
+    faults that dominate CPU time here.
     """
 
     @staticmethod
-    def forward(ctx, features: Tensor, plan: _Plan, num_rois: int, *weights: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, plan: _Plan, num_rois: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        features, weights = tensors[: plan.num_levels], tensors[plan.num_levels :]
         acc = weights[0].dtype
-        c = features.shape[1]
+        c = features[0].shape[1]
         ph, pw = weights[0].shape[1], weights[1].shape[1]
-        flat = _to_channels_last(features)
-        out = features.new_empty((num_rois, c, ph, pw))
-        for rows, start, kx, ay, ax in zip(plan.rows, plan.starts, plan.kx, weights[0::2], weights[1::2]):
+        used = set(plan.level)
+        flats = [_to_channels_last(f) if lvl in used else None for lvl, f in enumerate(features)]
+        out = features[0].new_empty((num_rois, c, ph, pw))
+        for lvl, rows, start, kx, ay, ax in plan.chunks(weights):
             n, _, ky = ay.shape
-            g = _gather(flat, start, kx, acc).reshape(n, ky, kx * c)
+            g = _gather(flats[lvl], start, kx, acc).reshape(n, ky, kx * c)
             t = torch.bmm(ay, g).reshape(n, ph, kx, c)  # rows integrated first: (n, ph, Kx, C)
             o = torch.matmul(ax.unsqueeze(1), t)  # (n, ph, pw, C)
             out.index_copy_(0, rows, o.permute(0, 3, 1, 2).to(out.dtype))
         ctx.plan = plan
-        ctx.feature_shape = features.shape
-        ctx.feature_dtype = features.dtype
-        # Keep the channels-last copy when the RoI gradient needs the windows again, and on CPU also
-        # to reuse its memory as the gradient accumulator: fresh pages for a map-sized buffer cost
-        # more than the scatter itself there (CUDA's caching allocator makes reallocation free).
+        ctx.feature_meta = [(f.shape, f.dtype) for f in features]
+        # Keep the channels-last copies when the RoI gradient needs the windows again, and on CPU
+        # also to reuse their memory as the gradient accumulators: fresh pages for a map-sized
+        # buffer cost more than the scatter itself there (CUDA's caching allocator makes
+        # reallocation free).
         need_weights = any(wt.requires_grad for wt in weights)
-        own_copy = flat.data_ptr() != features.data_ptr()
-        reuse = features.requires_grad and features.device.type == "cpu" and own_copy and flat.dtype == acc
-        ctx.reuse_flat = reuse and not need_weights
-        ctx.save_for_backward(flat if (need_weights or ctx.reuse_flat) else None, *weights)
+        ctx.scratch = [None] * len(features)
+        if not need_weights:
+            for lvl, (f, flat) in enumerate(zip(features, flats)):
+                own_copy = flat is not None and flat.data_ptr() != f.data_ptr()
+                if own_copy and f.requires_grad and f.device.type == "cpu" and flat.dtype == acc:
+                    # A plain attribute, not a saved tensor: backward overwrites it, which must not
+                    # trip autograd's version check when backward runs twice (retain_graph).
+                    ctx.scratch[lvl] = flat
+        ctx.save_for_backward(*(flats if need_weights else [None] * len(flats)), *weights)
         return out
 
     @staticmethod
@@ -163,39 +185,45 @@ class _WindowPool(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        flat, *weights = ctx.saved_tensors
         plan = ctx.plan
+        saved = ctx.saved_tensors
+        flats, weights = saved[: plan.num_levels], saved[plan.num_levels :]
         acc = weights[0].dtype
-        n_img, c, h, w = ctx.feature_shape
-        need_feat = ctx.needs_input_grad[0]
-        need_weights = any(ctx.needs_input_grad[3:])
-        grad_flat = None
-        if need_feat:
-            if ctx.reuse_flat and not need_weights:
-                grad_flat = flat.zero_()
+        need_feat = ctx.needs_input_grad[2 : 2 + plan.num_levels]
+        need_weights = any(ctx.needs_input_grad[2 + plan.num_levels :])
+        used = set(plan.level)
+        grad_flats: list[Tensor | None] = []
+        for lvl, (shape, _) in enumerate(ctx.feature_meta):
+            if not (need_feat[lvl] and lvl in used):
+                grad_flats.append(None)
+            elif ctx.scratch[lvl] is not None:
+                grad_flats.append(ctx.scratch[lvl].zero_())
             else:
-                grad_flat = grad_out.new_zeros((n_img * h * w, c), dtype=acc)
+                n_img, c, h, w = shape
+                grad_flats.append(grad_out.new_zeros((n_img * h * w, c), dtype=acc))
         grad_weights: list[Tensor | None] = []
-        for rows, start, kx, ay, ax in zip(plan.rows, plan.starts, plan.kx, weights[0::2], weights[1::2]):
+        for lvl, rows, start, kx, ay, ax in plan.chunks(weights):
             n, ph, ky = ay.shape
+            c = grad_out.shape[1]
             d_o = grad_out.index_select(0, rows).permute(0, 2, 3, 1).to(acc).contiguous()  # (n, ph, pw, C)
             # dT[r, p, j, c] = sum_q Ax[r, q, j] dOut[r, p, q, c]
             d_t = torch.matmul(ax.transpose(1, 2).unsqueeze(1), d_o).reshape(n, ph, kx * c)
-            if need_feat:
+            if grad_flats[lvl] is not None:
                 d_g = torch.bmm(ay.transpose(1, 2), d_t)  # (n, Ky, Kx * C)
-                grad_flat.index_add_(0, _window_index(start, kx), d_g.reshape(-1, c))
+                grad_flats[lvl].index_add_(0, _window_index(start, kx), d_g.reshape(-1, c))
             if need_weights:
-                g = _gather(flat, start, kx, acc).reshape(n, ky, kx * c)
+                g = _gather(flats[lvl], start, kx, acc).reshape(n, ky, kx * c)
                 grad_ay = torch.bmm(d_t, g.transpose(1, 2))  # (n, ph, Ky)
                 t = torch.bmm(ay, g).reshape(n, ph, kx, c)
                 grad_ax = torch.einsum("npqc,npjc->nqj", d_o, t)
                 grad_weights += [grad_ay, grad_ax]
             else:
                 grad_weights += [None, None]
-        grad_features = None
-        if need_feat:
-            grad_features = _from_channels_last(grad_flat, ctx.feature_shape, ctx.feature_dtype)
-        return (grad_features, None, None, *grad_weights)
+        grad_features = [
+            None if gf is None else _from_channels_last(gf, shape, dtype)
+            for gf, (shape, dtype) in zip(grad_flats, ctx.feature_meta)
+        ]
+        return (None, None, *grad_features, *grad_weights)
 
 
 def _window_index(start: Tensor, kx: int) -> Tensor:
@@ -222,81 +250,158 @@ def prroi_pool(
     Differentiable w.r.t. ``features`` and the RoI coordinates (the batch-index column gets zero
     gradient). Zero-area bins give 0 with zero gradients; negative RoI sizes are clamped to 0.
     """
+    return _pool([features], rois, None, output_size, [spatial_scale])
+
+
+def prroi_pool_levels(
+    features: Sequence[Tensor],
+    rois: Tensor,
+    levels: Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scales: Sequence[float],
+) -> Tensor:
+    """:func:`prroi_pool` of RoI k from ``features[levels[k]]`` at ``spatial_scales[levels[k]]``.
+
+    The same numbers as pooling each level separately and putting the rows back in RoI order,
+    without the per-level outputs and the reordering copies (FPN poolers). ``features`` share
+    N, C, dtype and device; ``levels`` is (K,) integer.
+    """
+    if len(features) != len(spatial_scales) or len(features) == 0:
+        raise ValueError(
+            f"prroi_pool_levels: need one spatial scale per feature map, got {len(features)} maps "
+            f"and {len(spatial_scales)} scales"
+        )
+    if levels.shape != (rois.shape[0],) or levels.is_floating_point():
+        raise ValueError(
+            f"prroi_pool_levels: levels must be an integer tensor of shape ({rois.shape[0]},), "
+            f"got {levels.dtype} {tuple(levels.shape)}"
+        )
+    return _pool(list(features), rois, levels, output_size, list(spatial_scales))
+
+
+def _pool(
+    features: list[Tensor],
+    rois: Tensor,
+    levels: Tensor | None,
+    output_size: int | tuple[int, int],
+    scales: list[float],
+) -> Tensor:
     ph, pw = _pair(output_size)
-    if features.dim() != 4:
-        raise ValueError(f"prroi_pool: features must be (N, C, H, W), got shape {tuple(features.shape)}")
+    ref = features[0]
+    for f in features:
+        if f.dim() != 4:
+            raise ValueError(f"prroi_pool: features must be (N, C, H, W), got shape {tuple(f.shape)}")
+        if f.shape[2] == 0 or f.shape[3] == 0:
+            raise ValueError(f"prroi_pool: features have an empty spatial size {f.shape[2]}x{f.shape[3]}")
+        if f.shape[:2] != ref.shape[:2] or f.dtype != ref.dtype or f.device != ref.device:
+            raise ValueError(
+                "prroi_pool_levels: all feature maps must share N, C, dtype and device, got "
+                f"{tuple(ref.shape)} {ref.dtype} {ref.device} and {tuple(f.shape)} {f.dtype} {f.device}"
+            )
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(
             f"prroi_pool: rois must be (K, 5) [batch_index, x1, y1, x2, y2], got shape {tuple(rois.shape)}"
         )
-    if not features.is_floating_point() or not rois.is_floating_point():
+    if not ref.is_floating_point() or not rois.is_floating_point():
         raise ValueError(
-            f"prroi_pool: features and rois must be floating point, got {features.dtype} and {rois.dtype}"
+            f"prroi_pool: features and rois must be floating point, got {ref.dtype} and {rois.dtype}"
         )
-    if rois.device != features.device:
-        raise ValueError(f"prroi_pool: rois on {rois.device} but features on {features.device}")
-    n_img, c, h, w = features.shape
+    if rois.device != ref.device:
+        raise ValueError(f"prroi_pool: rois on {rois.device} but features on {ref.device}")
+    n_img, c = ref.shape[:2]
     k = rois.shape[0]
     if k == 0:
         # A view of the features keeps the empty result attached to the graph.
-        return features[:0].reshape(0, c, ph, pw)
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        return ref[:0].reshape(0, c, ph, pw)
+    acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    dev = ref.device
 
-    with torch.autocast(features.device.type, enabled=False):
+    with torch.autocast(dev.type, enabled=False):
         r = rois.to(acc)
         bidx = r[:, 0].detach()
-        x1, y1 = r[:, 1] * spatial_scale, r[:, 2] * spatial_scale
-        rw = (r[:, 3] * spatial_scale - x1).clamp(min=0)
-        rh = (r[:, 4] * spatial_scale - y1).clamp(min=0)
+        lvl = torch.zeros(k, dtype=torch.int64, device=dev) if levels is None else levels.to(dev, torch.int64)
+        safe_lvl = lvl.clamp(0, len(features) - 1)  # checked below, after one host sync
+        scale = torch.tensor(scales, dtype=acc, device=dev)[safe_lvl]
+        map_h = torch.tensor([f.shape[2] for f in features], dtype=acc, device=dev)[safe_lvl]
+        map_w = torch.tensor([f.shape[3] for f in features], dtype=acc, device=dev)[safe_lvl]
+        x1, y1 = r[:, 1] * scale, r[:, 2] * scale
+        rw = (r[:, 3] * scale - x1).clamp(min=0)
+        rh = (r[:, 4] * scale - y1).clamp(min=0)
 
         # Window of touched cells: columns floor(x1) .. ceil(x1 + rw), clipped to the map.
         with torch.no_grad():
             fx, fy = torch.floor(x1), torch.floor(y1)
-            x_lo = fx.clamp(0, w - 1)
-            y_lo = fy.clamp(0, h - 1)
-            kx = (torch.ceil(x1 + rw).clamp(max=w - 1) - x_lo + 1).clamp(1, w)
-            ky = (torch.ceil(y1 + rh).clamp(max=h - 1) - y_lo + 1).clamp(1, h)
-            order = torch.argsort(kx * ky)
+            x_lo = torch.minimum(fx.clamp(min=0), map_w - 1)
+            y_lo = torch.minimum(fy.clamp(min=0), map_h - 1)
+            kx = torch.minimum((torch.minimum(torch.ceil(x1 + rw), map_w - 1) - x_lo + 1).clamp(min=1), map_w)
+            ky = torch.minimum((torch.minimum(torch.ceil(y1 + rh), map_h - 1) - y_lo + 1).clamp(min=1), map_h)
+            kx, ky = kx.to(torch.int64), ky.to(torch.int64)
+            # Sort by level, then window area: chunks never mix levels and pad little.
+            key = safe_lvl * int(max(f.shape[2] * f.shape[3] for f in features) + 1) + kx * ky
+            order = torch.argsort(key)
             checks = torch.stack(
                 [
                     (bidx != torch.round(bidx)).any().to(acc),
                     bidx.min(),
                     bidx.max(),
                     (~torch.isfinite(r[:, 1:].detach())).any().to(acc),
+                    lvl.min().to(acc),
+                    lvl.max().to(acc),
                 ]
             )
-            host = torch.cat([checks, kx[order], ky[order]]).cpu().tolist()
-        if host[0] or host[3] or host[1] < 0 or host[2] > n_img - 1:
-            if host[3]:
-                raise ValueError("prroi_pool: rois contain NaN or infinite coordinates")
+            host = torch.cat([checks, safe_lvl[order].to(acc), kx[order].to(acc), ky[order].to(acc)]).tolist()
+        if host[3]:
+            raise ValueError("prroi_pool: rois contain NaN or infinite coordinates")
+        if host[0] or host[1] < 0 or host[2] > n_img - 1:
             raise ValueError(
                 f"prroi_pool: rois[:, 0] must be integer batch indices in [0, {n_img - 1}], "
                 f"got values in [{host[1]:g}, {host[2]:g}]" + (" (non-integer)" if host[0] else "")
             )
-        kx_sorted = [int(v) for v in host[4 : 4 + k]]
-        ky_sorted = [int(v) for v in host[4 + k :]]
+        if host[4] < 0 or host[5] > len(features) - 1:
+            raise ValueError(
+                f"prroi_pool_levels: levels must be in [0, {len(features) - 1}], got [{host[4]:g}, {host[5]:g}]"
+            )
+        n_checks = 6
+        lvl_sorted = [int(v) for v in host[n_checks : n_checks + k]]
+        kx_sorted = [int(v) for v in host[n_checks + k : n_checks + 2 * k]]
+        ky_sorted = [int(v) for v in host[n_checks + 2 * k :]]
 
-        # Everything below runs on the RoIs sorted by window size.
+        # Everything below runs on the RoIs sorted by (level, window size).
         x1, y1, rw, rh = x1[order], y1[order], rw[order], rh[order]
         fx, fy, b = fx[order], fy[order], bidx[order].to(torch.int64)
         # 1 / bin area, or 0 for a zero-area bin (kills its output and all its gradients).
         area = (rw / pw) * (rh / ph)
         valid = area > 0
-        inv_area = torch.where(valid, 1.0 / torch.where(valid, area, torch.ones_like(area)), torch.zeros_like(area))
+        inv_area = torch.where(
+            valid, 1.0 / torch.where(valid, area, torch.ones_like(area)), torch.zeros_like(area)
+        )
 
-        plan, weights = _Plan(), []
-        for s, e, cky, ckx in _plan_chunks(kx_sorted, ky_sorted, c):
-            # Window origin so that the padded window stays inside the map and covers every touched cell.
-            xs = fx[s:e].clamp(0, w - ckx).to(torch.int64)
-            ys = fy[s:e].clamp(0, h - cky).to(torch.int64)
-            rows = (b[s:e, None] * h + ys[:, None] + torch.arange(cky, device=ys.device)) * w
-            plan.rows.append(order[s:e])
-            plan.starts.append(rows + xs[:, None])
-            plan.kx.append(ckx)
-            ay = _bin_weights(y1[s:e], rh[s:e], ph, ys, cky) * inv_area[s:e, None, None]
-            ax = _bin_weights(x1[s:e], rw[s:e], pw, xs, ckx)
-            weights += [ay, ax]
-        return _WindowPool.apply(features, plan, k, *weights)
+        plan, weights = _Plan(len(features)), []
+        max_elems = _MAX_CHUNK_BYTES // torch.empty((), dtype=acc).element_size()
+        seg_start = 0
+        while seg_start < k:
+            level = lvl_sorted[seg_start]
+            seg_end = seg_start
+            while seg_end < k and lvl_sorted[seg_end] == level:
+                seg_end += 1
+            h, w = features[level].shape[2:]
+            chunks = _plan_chunks(kx_sorted[seg_start:seg_end], ky_sorted[seg_start:seg_end], c, max_elems)
+            for s0, e0, cky, ckx in chunks:
+                s, e = seg_start + s0, seg_start + e0
+                # Window origin so that the padded window stays inside the map and covers every
+                # touched cell.
+                xs = fx[s:e].clamp(0, w - ckx).to(torch.int64)
+                ys = fy[s:e].clamp(0, h - cky).to(torch.int64)
+                row0 = (b[s:e, None] * h + ys[:, None] + torch.arange(cky, device=dev)) * w
+                plan.level.append(level)
+                plan.rows.append(order[s:e])
+                plan.starts.append(row0 + xs[:, None])
+                plan.kx.append(ckx)
+                ay = _bin_weights(y1[s:e], rh[s:e], ph, ys, cky) * inv_area[s:e, None, None]
+                ax = _bin_weights(x1[s:e], rw[s:e], pw, xs, ckx)
+                weights += [ay, ax]
+            seg_start = seg_end
+        return _WindowPool.apply(plan, k, *features, *weights)
 
 
 class PrRoIPool(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from megdet.layers.prroi_pool import prroi_pool
+from megdet.layers.prroi_pool import prroi_pool, prroi_pool_levels
 
 POOLER_TYPES = ("roialign", "prroi")
 
@@ -55,6 +55,24 @@ def _levels_from_scales(scales: Sequence[float]) -> tuple[int, int]:
             f"MultiLevelPooler: scales {list(scales)} must be consecutive FPN levels, finest first"
         )
     return levels[0], levels[-1]
+
+
+class _Unpermute(torch.autograd.Function):
+    """``x.index_select(0, inverse)`` whose backward is the gather ``grad.index_select(0, perm)``.
+
+    Autograd's generic index_select backward scatter-adds into a fresh zero tensor; for a
+    permutation a plain gather is exact and saves a pass over the (large) pooled output.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(perm)
+        return x.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (perm,) = ctx.saved_tensors
+        return grad.index_select(0, perm), None, None
 
 
 class MultiLevelPooler(nn.Module):
@@ -118,14 +136,26 @@ class MultiLevelPooler(nn.Module):
             )
         num_images = features[0].shape[0]
         if len(boxes) != num_images:
-            raise ValueError(f"MultiLevelPooler: got boxes for {len(boxes)} images but a batch of {num_images}")
+            raise ValueError(
+                f"MultiLevelPooler: got boxes for {len(boxes)} images but a batch of {num_images}"
+            )
         ref = features[0]
+        for b in boxes:
+            if b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(
+                    f"MultiLevelPooler: boxes must be (N, 4) xyxy per image, got {tuple(b.shape)}"
+                )
+        # float64 boxes stay float64 for float64 features; otherwise coordinates are float32.
+        box_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
         rois = torch.cat(
-            [
-                torch.cat([torch.full((len(b), 1), i, dtype=torch.float32, device=ref.device), b.float()], 1)
+            [torch.zeros((0, 5), dtype=box_dtype, device=ref.device)]
+            + [
+                torch.cat(
+                    [torch.full((len(b), 1), i, dtype=box_dtype, device=ref.device), b.to(box_dtype)], 1
+                )
                 for i, b in enumerate(boxes)
             ]
-        ) if num_images > 0 else ref.new_zeros((0, 5), dtype=torch.float32)
+        )
         if len(self.scales) == 1 or rois.shape[0] == 0:
             # One level (or nothing to pool): no assignment needed; an empty result stays attached
             # to the graph because both poolers return it from their own op.
@@ -133,6 +163,10 @@ class MultiLevelPooler(nn.Module):
         levels = assign_levels(
             rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
+        if self.pooler_type == "prroi":
+            # One call over all levels writes every RoI straight to its row (no per-level outputs
+            # to concatenate and reorder).
+            return prroi_pool_levels(features, rois, levels, self.output_size, self.scales)
         pooled: list[Tensor] = []
         order: list[Tensor] = []
         for lvl, (feature, scale) in enumerate(zip(features, self.scales)):
@@ -141,9 +175,7 @@ class MultiLevelPooler(nn.Module):
                 continue
             pooled.append(self._pool(feature, rois[idx], scale).to(ref.dtype))
             order.append(idx)
-        # Undo the grouping by level with one gather (cheaper in backward than per-level in-place
-        # writes, whose gradient would copy the whole output once per level).
         perm = torch.cat(order)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return torch.cat(pooled).index_select(0, inverse)
+        return _Unpermute.apply(torch.cat(pooled), perm, inverse)
