@@ -4,12 +4,14 @@ One step = forward + backward + SGD step on 2 images of 512x512. Both models: Re
 FrozenBN, stem and layer1 frozen (trainable layers 3), the same RPN / RoI sampling sizes and
 proposal counts, 80 foreground classes, fp32. torchvision's ``fasterrcnn_resnet50_fpn(weights=None,
 weights_backbone=None)`` switches its body to trainable BatchNorm when no weights are given, so its
-BN layers are converted to FrozenBN and its first stages frozen here to match. The runs alternate
-(ours, torchvision, ours-bf16, ...) so that load on a shared machine hits all alike; medians are
-reported. Also: achieved FLOP/s (FlopCounterMode over one step) against the machine's fp32
-matrix-multiply peak measured in the same run, and our step under bf16 autocast.
+BN layers are converted to FrozenBN and its first stages frozen here to match. Ours runs as built by
+``build_model`` (channels-last conv weights, its default). The runs alternate (ours, torchvision,
+ours-bf16, ...) so that load on a shared machine hits all alike; medians are reported. Also:
+achieved FLOP/s (FlopCounterMode over one step) against the machine's fp32 matrix-multiply peak
+measured in the same run, and our step under bf16 autocast (on CPUs without native bf16, oneDNN
+emulates it and it is several times slower, so by default it is timed once there).
 
-    python benchmarks/train_step.py [--quick]
+    python benchmarks/train_step.py [--quick] [--iters N] [--bf16-steps N]
 """
 
 from __future__ import annotations
@@ -161,31 +163,46 @@ def matmul_peak(seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 timed steps per model instead of --iters")
-    ap.add_argument("--iters", type=int, default=6, help="timed steps per model")
+    ap.add_argument("--iters", type=int, default=5, help="timed fp32 steps per model")
+    ap.add_argument("--bf16-steps", type=int, default=-1,
+                    help="timed bf16-autocast steps (-1: as --iters where the CPU has native bf16, else 1; "
+                         "0: skip)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     iters = 2 if args.quick else args.iters
+    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    bf16_steps = args.bf16_steps if args.bf16_steps >= 0 else (iters if native_bf16 else 1)
 
     torch.manual_seed(0)
     images, targets = make_data()
     models = {"ours": build_ours(), "torchvision": build_torchvision()}
-    models["ours_bf16"] = models["ours"]
-    runs = {name: step_fn(name, m, images, targets) for name, m in models.items()}
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
+    runs = {name: step_fn(name, m, images, targets) for name, m in models.items()}
+    if bf16_steps:
+        runs["ours_bf16"] = step_fn("ours_bf16", models["ours"], images, targets)
 
-    flops = {name: count_flops(runs[name]) for name in ("ours", "torchvision")}  # also a warm-up step
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    # The counted step is also each fp32 model's warm-up step (oneDNN primitive creation, allocator).
+    flops = {}
+    for name in ("ours", "torchvision"):
+        t = time.perf_counter()
+        flops[name] = count_flops(runs[name])
+        log(f"warm-up + FLOP count {name}: {flops[name] / 1e9:.1f} GFLOP ({time.perf_counter() - t:.1f} s)")
     peaks = [matmul_peak(2.0 if args.quick else 4.0)]
-    for _ in range(iters):
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(max(iters, bf16_steps)):
         for name, run in runs.items():
+            if i >= (bf16_steps if name == "ours_bf16" else iters):
+                continue
             t = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t)
+            log(f"step {i + 1} {name}: {times[name][-1]:.2f} s")
     peaks.append(matmul_peak(2.0 if args.quick else 4.0))
     peak = max(peaks)
 
@@ -195,34 +212,53 @@ def main() -> None:
     for name in runs:
         f = flops["ours" if name == "ours_bf16" else name]
         rows.append({
-            "model": name, "median_s": med[name], "min_s": min(times[name]), "ratio_vs_torchvision_fp32": med[name] / tv,
-            "gflop_per_step": f / 1e9, "achieved_gflops": f / med[name] / 1e9,
-            "fraction_of_fp32_mm_peak": f / med[name] / peak,
+            "model": name, "median_s": med[name], "min_s": min(times[name]), "steps": len(times[name]),
+            "ratio_vs_torchvision_fp32": med[name] / tv, "gflop_per_step": f / 1e9,
+            "achieved_gflops": f / med[name] / 1e9, "fraction_of_fp32_mm_peak": f / med[name] / peak,
         })  # fmt: skip
-    print(f"{'model':<12} {'median s':>9} {'min s':>8} {'vs tv fp32':>10} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of peak':>8}")
+    print(f"\n{'model':<12} {'median s':>9} {'min s':>8} {'steps':>5} {'vs tv fp32':>10} {'GFLOP/step':>11} "
+          f"{'GFLOP/s':>8} {'of peak':>8}")  # fmt: skip
     for r in rows:
-        print(f"{r['model']:<12} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['ratio_vs_torchvision_fp32']:10.3f} "
-              f"{r['gflop_per_step']:11.1f} {r['achieved_gflops']:8.1f} {r['fraction_of_fp32_mm_peak']:8.1%}")  # fmt: skip
-    print(f"fp32 matmul peak ({args.threads} threads): {peak / 1e9:.1f} GFLOP/s (runs: "
+        print(f"{r['model']:<12} {r['median_s']:9.2f} {r['min_s']:8.2f} {r['steps']:5d} "
+              f"{r['ratio_vs_torchvision_fp32']:10.3f} {r['gflop_per_step']:11.1f} {r['achieved_gflops']:8.1f} "
+              f"{r['fraction_of_fp32_mm_peak']:8.1%}")  # fmt: skip
+    print(f"fp32 matmul peak ({args.threads} threads): {peak / 1e9:.1f} GFLOP/s (before / after: "
           f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}); params ours {params['ours'] / 1e6:.2f}M, "
-          f"torchvision {params['torchvision'] / 1e6:.2f}M")  # fmt: skip
+          f"torchvision {params['torchvision'] / 1e6:.2f}M; native CPU bf16: {native_bf16}")  # fmt: skip
     result: dict[str, Any] = {
-        "settings": {**SETTINGS, "threads": args.threads, "timed_steps": iters, "quick": args.quick},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "torchvision": torchvision.__version__},  # fmt: skip
+        "settings": {
+            **SETTINGS,
+            "threads": args.threads,
+            "timed_steps": iters,
+            "bf16_steps": bf16_steps,
+            "quick": args.quick,
+            "ours_channels_last": models["ours"].channels_last,
+        },  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_bf16,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+        },  # fmt: skip
         "fp32_matmul_peak_gflops": peak / 1e9,
         "params": params,
         "trainable_params": trainable,
         "rows": rows,
         "times_s": times,
         "ratio_fp32": med["ours"] / tv,
-        "ratio_bf16_vs_torchvision_fp32": med["ours_bf16"] / tv,
+        "ratio_bf16_vs_torchvision_fp32": med["ours_bf16"] / tv if "ours_bf16" in med else None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"ratio fp32 {result['ratio_fp32']:.3f} (goal <= 1.0); bf16 autocast "
-          f"{result['ratio_bf16_vs_torchvision_fp32']:.3f} (goal <= 0.6); wrote {out}")  # fmt: skip
+    bf16 = result["ratio_bf16_vs_torchvision_fp32"]
+    bf16_text = (
+        "skipped" if bf16 is None else f"{bf16:.3f}" + ("" if native_bf16 else " (emulated bf16 on this CPU)")
+    )
+    print(f"ratio fp32 {result['ratio_fp32']:.3f} (goal <= 1.0); bf16 autocast {bf16_text} (goal <= 0.6); "
+          f"wrote {out}")  # fmt: skip
 
 
 if __name__ == "__main__":

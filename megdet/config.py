@@ -75,7 +75,7 @@ class RoIConfig:
 class ModelConfig:
     """Detector architecture."""
 
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
+    backbone: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     weights: str = ""  # local path to ImageNet weights for the backbone; never downloaded
     norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN and heads alike
     bn_group_size: int = 0  # CrossDeviceBN: ranks that share statistics (MegDet's "BN size"); 0 = all

@@ -13,16 +13,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from megdet.layers.norm import norm_layer_factory
 
 NORMS = ("FrozenBN", "BN", "GN", "CrossDeviceBN", "none")
 
+
+def resnet10(*, weights: None = None, **kwargs: object) -> torchvision.models.ResNet:
+    """ResNet-10: torchvision's ResNet class with one BasicBlock per stage (half of ResNet-18's depth).
+
+    torchvision has no ResNet smaller than ResNet-18; this one is for quick CPU runs (``megdet demo``).
+    It has no published ImageNet weights: ``weights`` must be None (a local file goes through
+    ``model.weights`` as for the other backbones).
+    """
+    if weights is not None:
+        raise ValueError("resnet10 has no torchvision weights; pass a local state_dict through model.weights")
+    return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
 # The explicit name -> constructor map (no registry): torchvision's ImageNet architectures.
 RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
+    "resnet10": resnet10,
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
     "resnet50": torchvision.models.resnet50,
@@ -60,6 +76,63 @@ def norm_layer_or_none(norm: str) -> Callable[[int], nn.Module] | None:
     return None if norm == "none" else norm_layer_factory(norm)
 
 
+class FoldedFrozenBN(FrozenBatchNorm2d):
+    """A FrozenBN whose affine map is applied by the conv before it (:class:`ConvFrozenBN`): identity.
+
+    Same buffers, hence the same state_dict keys and weight loading, as the FrozenBN it replaces.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+
+class ConvFrozenBN(nn.Conv2d):
+    """A bias-free conv that applies the following FrozenBN by scaling its weight and adding a bias.
+
+    torchvision's FrozenBatchNorm2d costs two full passes over the activation in the forward (a
+    multiply, then an add) and one in the backward; folded into the conv it costs a per-channel
+    scaling of the (much smaller) weight. The conv's own state_dict entries are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self._folded_bn.scale_shift()
+        return F.conv2d(x, self.weight * scale.reshape(-1, 1, 1, 1), shift, self.stride, self.padding,
+                        self.dilation, self.groups)  # fmt: skip
+
+
+def fold_frozen_bn(module: nn.Module) -> int:
+    """Folds every FrozenBN of a torchvision ResNet body into the conv that feeds it; returns the count.
+
+    The pairs are ``convI`` -> ``bnI`` inside a block or the stem, and ``Sequential(conv, bn)`` of a
+    downsample branch: in torchvision's BasicBlock / Bottleneck each ``bnI`` reads ``convI``'s output
+    only. The modules stay where they are (the conv changes class, the norm becomes an identity).
+    """
+    pairs: list[tuple[nn.Module, str, str]] = []
+    for parent in module.modules():
+        if isinstance(parent, nn.Sequential) and len(parent) == 2:
+            pairs.append((parent, "0", "1"))
+        for i in (1, 2, 3):
+            if hasattr(parent, f"conv{i}") and hasattr(parent, f"bn{i}"):
+                pairs.append((parent, f"conv{i}", f"bn{i}"))
+    count = 0
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if type(conv) is not nn.Conv2d or type(bn) is not FrozenBatchNorm2d or conv.bias is not None:
+            continue
+        folded_bn = FoldedFrozenBN(bn.weight.numel(), eps=bn.eps)
+        for name, buf in bn.named_buffers():
+            setattr(folded_bn, name, buf)
+        conv.__class__ = ConvFrozenBN  # keeps the weight Parameter, its hooks and its requires_grad
+        object.__setattr__(conv, "_folded_bn", folded_bn)  # a reference, not a second registration
+        setattr(parent, bn_name, folded_bn)
+        count += 1
+    return count
+
+
 class ResNetStem(nn.Module):
     """conv1 (7x7, stride 2) + norm + ReLU + 3x3 max-pool: stride 4, the part before ``layer1``."""
 
@@ -91,7 +164,9 @@ class ResNetBody(nn.Module):
         if name not in RESNETS:
             raise ValueError(f"model.backbone: unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")
         if check_norm(norm) == "none":
-            raise ValueError("model.norm: the ResNet body needs a norm; choose FrozenBN, BN, GN or CrossDeviceBN")
+            raise ValueError(
+                "model.norm: the ResNet body needs a norm; choose FrozenBN, BN, GN or CrossDeviceBN"
+            )
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"model.trainable_layers: expected 0..5, got {trainable_layers}")
         net = RESNETS[name](weights=None, norm_layer=norm_layer_factory(norm))
@@ -103,6 +178,8 @@ class ResNetBody(nn.Module):
         self.frozen_stages = list(_STAGES_TOP_DOWN[trainable_layers:])
         for stage in self.frozen_stages:
             getattr(self, stage).requires_grad_(False)
+        if norm == "FrozenBN":
+            fold_frozen_bn(self)
 
     def train(self, mode: bool = True) -> ResNetBody:
         super().train(mode)

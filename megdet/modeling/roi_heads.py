@@ -116,7 +116,10 @@ class BoxHead(nn.Module):
             self.head: nn.Module = TwoMLPHead(in_channels * pool_size**2, fc_dim)
         else:
             self.head = FastRCNNConvFCHead(
-                (in_channels, pool_size, pool_size), [conv_dim] * num_convs, [fc_dim], norm_layer_or_none(norm)
+                (in_channels, pool_size, pool_size),
+                [conv_dim] * num_convs,
+                [fc_dim],
+                norm_layer_or_none(norm),
             )
         self.predictor = FastRCNNPredictor(fc_dim, num_classes + 1)  # + background
         # Small initial logits / deltas: training from scratch starts near uniform and unmoved boxes.
@@ -188,7 +191,9 @@ class BoxHead(nn.Module):
         boxes_all = self.box_coder.decode(deltas, proposals)  # (R, C+1, 4)
         probs_all = F.softmax(logits, dim=-1)
         results = []
-        for boxes, probs, size in zip(_split(boxes_all, proposals), _split(probs_all, proposals), image_sizes):
+        for boxes, probs, size in zip(
+            _split(boxes_all, proposals), _split(probs_all, proposals), image_sizes
+        ):
             boxes = clip_boxes_to_image(boxes, (int(size[0]), int(size[1])))[:, 1:].reshape(-1, 4)
             scores = probs[:, 1:].reshape(-1)
             labels = torch.arange(1, num_fg + 1, device=logits.device).repeat(len(probs))
@@ -231,10 +236,14 @@ class MaskHead(nn.Module):
 
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         x = self.pooler(features[: self.num_levels], boxes)
-        return self.predictor(self.convs(x)).float()
+        return self.predictor(self.convs(x)).float().contiguous()
 
     def loss(
-        self, logits: Tensor, boxes: list[Tensor], matched_idxs: list[Tensor], targets: list[dict[str, Tensor]]
+        self,
+        logits: Tensor,
+        boxes: list[Tensor],
+        matched_idxs: list[Tensor],
+        targets: list[dict[str, Tensor]],
     ) -> Tensor:
         gt_masks = [t["masks"] for t in targets]
         gt_labels = [t["labels"] for t in targets]
@@ -289,10 +298,15 @@ class KeypointHead(nn.Module):
 
     def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
         x = self.pooler(features[: self.num_levels], boxes)
-        return self.predictor(self.convs(x)).float()
+        # contiguous: with channels-last weights the maps come out NHWC, and torchvision's loss uses .view
+        return self.predictor(self.convs(x)).float().contiguous()
 
     def loss(
-        self, logits: Tensor, boxes: list[Tensor], matched_idxs: list[Tensor], targets: list[dict[str, Tensor]]
+        self,
+        logits: Tensor,
+        boxes: list[Tensor],
+        matched_idxs: list[Tensor],
+        targets: list[dict[str, Tensor]],
     ) -> Tensor:
         """torchvision's softmax-over-the-heatmap loss, averaged over the labelled keypoints (v > 0)
         that fall inside their RoI; 0 (finite, attached to the graph) when there are none."""
@@ -342,7 +356,9 @@ class RoIHeads(nn.Module):
 
     def _check_targets(self, targets: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]]:
         if targets is None:
-            raise ValueError("RoIHeads: targets are required in training mode (call model.eval() for inference)")
+            raise ValueError(
+                "RoIHeads: targets are required in training mode (call model.eval() for inference)"
+            )
         needed = ["boxes", "labels"]
         needed += ["masks"] if self.mask_head is not None else []
         needed += ["keypoints"] if self.keypoint_head is not None else []
@@ -391,7 +407,9 @@ class RoIHeads(nn.Module):
         detections = self.detect_boxes(features, proposals, image_sizes)
         boxes = [d["boxes"] for d in detections]
         if self.mask_head is not None:
-            for d, probs in zip(detections, self.mask_probs(features, boxes, [d["labels"] for d in detections])):
+            for d, probs in zip(
+                detections, self.mask_probs(features, boxes, [d["labels"] for d in detections])
+            ):
                 d["mask_probs"] = probs
         if self.keypoint_head is not None:
             for d, heat, b in zip(detections, self.keypoint_heatmaps(features, boxes), boxes):
@@ -414,5 +432,7 @@ class RoIHeads(nn.Module):
     def keypoint_heatmaps(self, features: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Per image (N, K, S, S) keypoint heatmap logits for the given boxes."""
         if self.keypoint_head is None:
-            raise ValueError("keypoint_heatmaps: this model has no keypoint head (model.keypoint_on is false)")
+            raise ValueError(
+                "keypoint_heatmaps: this model has no keypoint head (model.keypoint_on is false)"
+            )
         return _split(self.keypoint_head(features, boxes), boxes)

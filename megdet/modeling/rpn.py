@@ -35,7 +35,9 @@ class RPNHead(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=norm == "none") for _ in range(conv_depth)
         )
-        self.norms = nn.ModuleList(get_norm(norm, in_channels) for _ in range(conv_depth)) if norm != "none" else None
+        self.norms = (
+            nn.ModuleList(get_norm(norm, in_channels) for _ in range(conv_depth)) if norm != "none" else None
+        )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
         for m in self.modules():
@@ -74,8 +76,12 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
     instead of 64, so the P6 anchors would not line up with their feature cells.
     """
 
-    def __init__(self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...],
-                 strides: Sequence[int]) -> None:
+    def __init__(
+        self,
+        sizes: tuple[tuple[int, ...], ...],
+        aspect_ratios: tuple[tuple[float, ...], ...],
+        strides: Sequence[int],
+    ) -> None:
         super().__init__(sizes, aspect_ratios)
         if len(strides) != len(sizes):
             raise ValueError(
@@ -154,7 +160,8 @@ class RPN(nn.Module):
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         if len(features) != self.num_levels:
             raise ValueError(
-                f"RPN: got {len(features)} feature maps but model.rpn.anchor_sizes has {self.num_levels} entries"
+                f"RPN: got {len(features)} feature maps but model.rpn.anchor_sizes has "
+                f"{self.num_levels} entries"
             )
         if self.training and targets is None:
             raise ValueError("RPN: targets are required in training mode (call model.eval() for inference)")

@@ -11,6 +11,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from megdet.layers.recompute import Recompute, apply_recompute
 from megdet.modeling.backbone import (
     RECOMPUTE_STAGES,
+    ConvFrozenBN,
+    FoldedFrozenBN,
     ResNetBody,
     build_backbone,
     default_head_norm,
@@ -35,11 +37,14 @@ def test_pyramid_shapes_and_backward_for_each_norm(norm: str) -> None:
     conv1 = bb.body.stem.conv1.weight
     assert conv1.grad is not None and conv1.grad.abs().sum() > 0
     # FrozenBN keeps the FPN norm-free (nothing to freeze in new layers); other norms apply there too.
-    fpn_norms = [m for m in bb.fpn.modules() if not isinstance(m, (nn.Conv2d, nn.Sequential)) and m is not bb.fpn]
+    fpn_norms = [
+        m for m in bb.fpn.modules() if not isinstance(m, (nn.Conv2d, nn.Sequential)) and m is not bb.fpn
+    ]
     has_norm = any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d)) for m in fpn_norms)
     assert has_norm == (norm != "FrozenBN")
-    body_norm_types = {type(m).__name__ for m in bb.body.modules() if "Norm" in type(m).__name__}
-    expected = {"FrozenBN": "FrozenBatchNorm2d", "BN": "BatchNorm2d", "GN": "GroupNorm",
+    names = {type(m).__name__ for m in bb.body.modules()}
+    body_norm_types = {n for n in names if ("Norm" in n or "BN" in n) and n != "ConvFrozenBN"}
+    expected = {"FrozenBN": "FoldedFrozenBN", "BN": "BatchNorm2d", "GN": "GroupNorm",
                 "CrossDeviceBN": "CrossDeviceBatchNorm2d"}[norm]  # fmt: skip
     assert body_norm_types == {expected}
 
@@ -109,6 +114,40 @@ def test_load_backbone_weights_from_torchvision_file(tmp_path) -> None:
         c5 = body(x)[-1]
         expected = torch.nn.Sequential(*list(ref.children())[:-2])(x)
     torch.testing.assert_close(c5, expected)
+
+
+def test_frozen_bn_folded_into_convs_matches_torchvision_frozen_bn(tmp_path) -> None:
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "frozen.pth"
+    torch.save(ref.state_dict(), path)
+    body = ResNetBody("resnet18", "FrozenBN", trainable_layers=3)
+    # Every conv -> FrozenBN pair (stem, 2 per block, 3 downsamples) is folded; the keys stay torchvision's.
+    assert sum(isinstance(m, ConvFrozenBN) for m in body.modules()) == 20
+    assert sum(isinstance(m, FoldedFrozenBN) for m in body.modules()) == 20
+    assert not any(type(m) is FrozenBatchNorm2d for m in body.modules())
+    load_backbone_weights(body, path)
+    assert not body.layer1[0].conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+
+    x = torch.randn(1, 3, 64, 64)
+    trunk = torch.nn.Sequential(*list(ref.children())[:-2])
+    for p in trunk[:5].parameters():  # the same frozen stem + layer1
+        p.requires_grad_(False)
+    ours, theirs = body(x)[-1], trunk(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    for name in ("layer2.0.conv1.weight", "layer3.0.downsample.0.weight", "layer4.1.conv2.weight"):
+        torch.testing.assert_close(
+            body.get_parameter(name).grad, ref.get_parameter(name).grad, rtol=1e-3, atol=1e-5
+        )
 
 
 def test_load_backbone_weights_errors_name_the_parameter(tmp_path) -> None:

@@ -14,6 +14,7 @@ from megdet.config import Config, load_config
 from megdet.modeling.detector import (
     GeneralizedRCNN,
     build_model,
+    build_model_from_kwargs,
     load_model_state,
     model_kwargs_from_config,
 )
@@ -89,11 +90,19 @@ def test_train_and_eval_outputs(task: str, pooler: str) -> None:
     with torch.no_grad():
         out = model(images, sizes)
     assert len(out) == 2
-    keys = {"boxes", "scores", "labels"} | ({"masks"} if mask_on else set()) | ({"keypoints"} if kp_on else set())
+    keys = (
+        {"boxes", "scores", "labels"}
+        | ({"masks"} if mask_on else set())
+        | ({"keypoints"} if kp_on else set())
+    )
     for det, (h, w) in zip(out, sizes):
         assert set(det) == keys
         n = len(det["boxes"])
-        assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,) and det["labels"].dtype == torch.int64
+        assert (
+            det["boxes"].shape == (n, 4)
+            and det["scores"].shape == (n,)
+            and det["labels"].dtype == torch.int64
+        )
         assert n <= cfg.model.roi.detections_per_img
         if n:
             assert det["labels"].min() >= 1 and det["labels"].max() <= 3
@@ -132,7 +141,9 @@ def test_eval_rescales_to_original_sizes_and_stage_methods_agree() -> None:
         probs = model.roi_heads.mask_probs(features, boxes, [d["labels"] for d in dets])
         heat = model.roi_heads.keypoint_heatmaps(features, boxes)
     assert len(plain[0]["boxes"]) > 0
-    for p, s, d, pr, ht, (h, w), (oh, ow) in zip(plain, scaled, dets, probs, heat, sizes, [(128, 32), (112, 60)]):
+    for p, s, d, pr, ht, (h, w), (oh, ow) in zip(
+        plain, scaled, dets, probs, heat, sizes, [(128, 32), (112, 60)]
+    ):
         torch.testing.assert_close(d["boxes"], p["boxes"])
         torch.testing.assert_close(d["scores"], p["scores"])
         factor = torch.tensor([ow / w, oh / h, ow / w, oh / h])
@@ -144,6 +155,33 @@ def test_eval_rescales_to_original_sizes_and_stage_methods_agree() -> None:
     model.train()
     with pytest.raises(ValueError, match="call model.eval"):
         model.rpn_proposals(images, sizes, features)
+
+
+@pytest.mark.parametrize("pooler", ["roialign", "prroi"])
+def test_channels_last_layout_gives_the_same_results(pooler: str) -> None:
+    cfg = _cfg("model.mask_on=true", "model.keypoint_on=true", "model.roi.score_thresh=0.0", "model.norm=GN",
+               f"model.roi.pooler={pooler}")  # fmt: skip
+    torch.manual_seed(0)
+    nchw = build_model(cfg)
+    nhwc = build_model_from_kwargs(model_kwargs_from_config(cfg), channels_last=True)
+    nhwc.load_state_dict(nchw.state_dict())
+    assert nchw.backbone.body.layer1[0].conv1.weight.is_contiguous()
+    conv = nhwc.backbone.body.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images, sizes, targets = _batch()
+    losses = []
+    for model in (nhwc, nchw):
+        torch.manual_seed(1)  # the same RoI sampling
+        losses.append(model.train()(images, sizes, targets))
+    for k in losses[0]:
+        torch.testing.assert_close(losses[0][k], losses[1][k], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        a, b = nhwc.eval()(images, sizes), nchw.eval()(images, sizes)
+    for x, y in zip(a, b):
+        n = min(len(x["scores"]), len(y["scores"]), 10)  # the top detections; ties further down may reorder
+        assert n > 0
+        for k in ("boxes", "scores", "masks", "keypoints"):
+            torch.testing.assert_close(x[k][:n], y[k][:n], rtol=1e-3, atol=1e-3)
 
 
 def _toy_images(size: int = 64) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -223,7 +261,9 @@ def small_model() -> GeneralizedRCNN:
 
 
 def test_load_model_state_round_trip_and_ddp_prefix(small_model: GeneralizedRCNN) -> None:
-    state = {k: v.clone() + 1 if v.is_floating_point() else v.clone() for k, v in small_model.state_dict().items()}
+    state = {
+        k: v.clone() + 1 if v.is_floating_point() else v.clone() for k, v in small_model.state_dict().items()
+    }
     torch.manual_seed(1)
     other = build_model(_cfg("model.mask_on=true"))
     report = load_model_state(other, {f"module.{k}": v for k, v in state.items()})
@@ -247,7 +287,9 @@ def test_load_model_state_missing_and_unexpected_keys(small_model: GeneralizedRC
     for k in mask_keys:
         del state[k]
     state["roi_heads.extra.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"missing roi_heads\.mask_head\..*; unexpected roi_heads\.extra\.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing roi_heads\.mask_head\..*; unexpected roi_heads\.extra\.weight"
+    ):
         load_model_state(small_model, state, strict=True)
     before = small_model.roi_heads.box_head.predictor.cls_score.weight.clone()
     state["roi_heads.box_head.predictor.cls_score.weight"] = before + 1
@@ -293,7 +335,11 @@ def test_every_config_loads_and_builds(path: Path) -> None:
     assert (model.roi_heads.keypoint_head is not None) == cfg.model.keypoint_on
     assert model.backbone.out_channels == cfg.model.fpn_channels
     if path.name.startswith("coco_"):
-        assert cfg.model.num_classes == 80 and cfg.data.root == "/data/coco" and cfg.model.norm == "CrossDeviceBN"
+        assert (
+            cfg.model.num_classes == 80
+            and cfg.data.root == "/data/coco"
+            and cfg.model.norm == "CrossDeviceBN"
+        )
         assert cfg.data.min_size_train == [800] and cfg.data.max_size_train == 1333
         assert cfg.solver.decay_factors == [0.1, 0.1, 0.5] and cfg.solver.base_lr == 0.02
     if path.name.startswith("synth_"):

@@ -21,7 +21,13 @@ def _features(batch: int = 2, size: int = 64) -> list[torch.Tensor]:
 
 
 def _box_head(**kw) -> BoxHead:
-    args = {"in_channels": C, "num_classes": 3, "fc_dim": 32, "batch_size_per_image": 16, "positive_fraction": 0.25}
+    args = {
+        "in_channels": C,
+        "num_classes": 3,
+        "fc_dim": 32,
+        "batch_size_per_image": 16,
+        "positive_fraction": 0.25,
+    }
     return BoxHead(**{**args, **kw})
 
 
@@ -30,7 +36,9 @@ def test_box_sampling_adds_gt_and_respects_the_budget() -> None:
     head = _box_head()
     gt = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
     proposals = [
-        torch.cat([torch.tensor([[11.0, 11.0, 41.0, 41.0], [0.0, 0.0, 8.0, 8.0]]), torch.rand(40, 4) * 20 + 40]),
+        torch.cat(
+            [torch.tensor([[11.0, 11.0, 41.0, 41.0], [0.0, 0.0, 8.0, 8.0]]), torch.rand(40, 4) * 20 + 40]
+        ),
         torch.tensor([[0.0, 0.0, 20.0, 20.0], [30.0, 30.0, 60.0, 60.0]]),
     ]
     proposals[0][2:, 2:] += 5
