@@ -5,8 +5,9 @@ FrozenBN, stem and layer1 frozen (trainable layers 3), the same RPN / RoI sampli
 proposal counts, 80 foreground classes, fp32. torchvision's ``fasterrcnn_resnet50_fpn(weights=None,
 weights_backbone=None)`` switches its body to trainable BatchNorm when no weights are given, so its
 BN layers are converted to FrozenBN and its first stages frozen here to match. Ours runs as built by
-``build_model`` (channels-last conv weights, its default). The runs alternate (ours, torchvision,
-ours-bf16, ...) so that load on a shared machine hits all alike; medians are reported. Also:
+``build_model`` (its FrozenBN folded into the convs), with torchvision's initial weights copied in.
+The runs alternate (ours, torchvision, ours-bf16, ...) so that load on a shared machine hits all
+alike; medians are reported. Also:
 achieved FLOP/s (FlopCounterMode over one step) against the machine's fp32 matrix-multiply peak
 measured in the same run, and our step under bf16 autocast (on CPUs without native bf16, oneDNN
 emulates it and it is several times slower, so by default it is timed once there).
@@ -90,6 +91,24 @@ def build_torchvision() -> torch.nn.Module:
         if not any(name.startswith(t) for t in trainable):
             p.requires_grad_(False)
     return model
+
+
+def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Gives ``dst`` the weights of ``src``: the two state_dicts list the same tensors in the same order
+    (body, FPN, RPN head, box head, predictor) under different names.
+
+    With equal weights both models keep the same number of proposals after NMS and so sample the
+    same number of RoIs; from independent random inits the counts differ (a freshly initialised RPN
+    proposes near-anchors, most of which NMS removes), which changes the box head's work per step.
+    """
+    src_state, dst_state = src.state_dict(), dst.state_dict()
+    if len(src_state) != len(dst_state):
+        raise RuntimeError(f"copy_weights: {len(src_state)} vs {len(dst_state)} tensors")
+    with torch.no_grad():
+        for (ks, vs), (kd, vd) in zip(src_state.items(), dst_state.items()):
+            if vs.shape != vd.shape or ks.rsplit(".", 1)[-1] != kd.rsplit(".", 1)[-1]:
+                raise RuntimeError(f"copy_weights: {ks} {tuple(vs.shape)} vs {kd} {tuple(vd.shape)}")
+            vd.copy_(vs)
 
 
 def make_data(seed: int = 0) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -178,6 +197,7 @@ def main() -> None:
     torch.manual_seed(0)
     images, targets = make_data()
     models = {"ours": build_ours(), "torchvision": build_torchvision()}
+    copy_weights(models["torchvision"], models["ours"])
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     trainable = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in models.items()}
     runs = {name: step_fn(name, m, images, targets) for name, m in models.items()}
@@ -188,6 +208,7 @@ def main() -> None:
         print(msg, flush=True)
 
     # The counted step is also each fp32 model's warm-up step (oneDNN primitive creation, allocator).
+    # The models' weights diverge a little with every step; both take the same number of steps.
     flops = {}
     for name in ("ours", "torchvision"):
         t = time.perf_counter()
