@@ -77,7 +77,7 @@ class ModelConfig:
 
     backbone: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     weights: str = ""  # local path to ImageNet weights for the backbone; never downloaded
-    norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN and heads alike
+    norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN, heads (FrozenBN: backbone only)
     bn_group_size: int = 0  # CrossDeviceBN: ranks that share statistics (MegDet's "BN size"); 0 = all
     trainable_layers: int = 5  # ResNet stages trained (0-5); frozen stages have no gradient
     fpn_channels: int = 256
