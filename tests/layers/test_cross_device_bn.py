@@ -166,6 +166,23 @@ def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
             local_out = local_ours(x.detach())
         assert torch.equal(local_out, local_ref(x.detach())) and count1.calls == 0
 
+        # affine=False with a channels-last input (the layer uses ATen's fused kernels, which take
+        # any memory format): output, input gradient and running statistics as BatchNorm2d's.
+        plain_ref = nn.BatchNorm2d(C, affine=False).double()
+        no_affine = convert_cross_device_bn(copy.deepcopy(plain_ref))
+        x_all, g_all = _batch(4, torch.float64, seed=5)
+        x_ref = x_all.clone().requires_grad_(True)
+        out_ref = plain_ref(x_ref)
+        (out_ref * g_all).sum().backward()
+        mine = slice(2 * rank, 2 * rank + 2)
+        x_cl = x_all[mine].contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        out_cl = no_affine(x_cl)
+        (out_cl * g_all[mine]).sum().backward()
+        tol = TOL[torch.float64]
+        assert_close(out_cl, out_ref[mine], **tol)
+        assert_close(x_cl.grad, x_ref.grad[mine], **tol)
+        assert_close(no_affine.running_var, plain_ref.running_var, **tol)
+
         # World size 2 is not divisible by group_size 3.
         with pytest.raises(ValueError, match=r"world size 2 .*group_size 3"):
             CrossDeviceBatchNorm2d(C, group_size=3).double()(x.detach())
