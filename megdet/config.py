@@ -133,6 +133,7 @@ class SolverConfig:
     global_batch = world size x data.images_per_device x train.grad_accum_steps.
     """
 
+    optimizer: str = "sgd"  # sgd (momentum) | adamw (betas 0.9/0.999; momentum unused)
     base_lr: float = 0.02
     reference_batch: int = 16
     momentum: float = 0.9

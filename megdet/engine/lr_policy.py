@@ -65,6 +65,7 @@ WARMUP_IMAGES = 16_000
 MIN_WARMUP_ITERS = 50
 MAX_WARMUP_FRACTION = 0.25
 POLICIES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -149,6 +150,10 @@ def resolve_schedule(
     _check(
         s.policy in POLICIES,
         f"solver.policy: unknown policy '{s.policy}'; choose one of {', '.join(POLICIES)}",
+    )
+    _check(
+        s.optimizer in OPTIMIZERS,
+        f"solver.optimizer: unknown optimizer '{s.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
     )
     _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
     _check(
@@ -320,11 +325,18 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, solver_cfg: SolverConfig, lr: float) -> torch.optim.SGD:
-    """SGD with momentum; ``solver.weight_decay_norm`` (default 0) for norm parameters and all biases."""
+def build_optimizer(model: nn.Module, solver_cfg: SolverConfig, lr: float) -> torch.optim.Optimizer:
+    """``solver.optimizer``: SGD with momentum (MegDet's), or AdamW (decoupled weight decay);
+    ``solver.weight_decay_norm`` (default 0) for norm parameters and all biases."""
+    _check(
+        solver_cfg.optimizer in OPTIMIZERS,
+        f"solver.optimizer: unknown optimizer '{solver_cfg.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
+    )
     groups = param_groups(model, solver_cfg.weight_decay, solver_cfg.weight_decay_norm)
     if not groups:
         raise ConfigError("the model has no trainable parameters; check model.trainable_layers")
+    if solver_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     return torch.optim.SGD(groups, lr=lr, momentum=solver_cfg.momentum)
 
 

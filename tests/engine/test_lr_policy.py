@@ -197,6 +197,25 @@ def test_no_weight_decay_on_norm_parameters_and_biases() -> None:
     assert opt.defaults["momentum"] == 0.9
 
 
+def test_adamw_optimizer_keeps_the_groups_and_the_scaled_lr() -> None:
+    model = _Net()
+    opt = build_optimizer(model, SolverConfig(optimizer="adamw", weight_decay=0.05), 0.004)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
+    assert all(g["lr"] == 0.004 for g in opt.param_groups)
+    # The schedule drives AdamW exactly like SGD.
+    info = _info(2, optimizer="adamw")
+    sched = LRScheduler(opt, info)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [lr_at(info, 5)] * 2
+    with pytest.raises(ConfigError, match="solver.optimizer: unknown optimizer 'adam'"):
+        build_optimizer(model, SolverConfig(optimizer="adam"), 0.1)
+    with pytest.raises(ConfigError, match="solver.optimizer"):
+        _info(2, optimizer="lamb")
+
+
 def test_detector_norms_and_biases_are_not_decayed() -> None:
     from megdet.modeling.detector import build_model
 
