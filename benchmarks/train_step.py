@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torchvision
+from _common import copy_weights
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
@@ -91,24 +92,6 @@ def build_torchvision() -> torch.nn.Module:
         if not any(name.startswith(t) for t in trainable):
             p.requires_grad_(False)
     return model
-
-
-def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Gives ``dst`` the weights of ``src``: the two state_dicts list the same tensors in the same order
-    (body, FPN, RPN head, box head, predictor) under different names.
-
-    With equal weights both models keep the same number of proposals after NMS and so sample the
-    same number of RoIs; from independent random inits the counts differ (a freshly initialised RPN
-    proposes near-anchors, most of which NMS removes), which changes the box head's work per step.
-    """
-    src_state, dst_state = src.state_dict(), dst.state_dict()
-    if len(src_state) != len(dst_state):
-        raise RuntimeError(f"copy_weights: {len(src_state)} vs {len(dst_state)} tensors")
-    with torch.no_grad():
-        for (ks, vs), (kd, vd) in zip(src_state.items(), dst_state.items()):
-            if vs.shape != vd.shape or ks.rsplit(".", 1)[-1] != kd.rsplit(".", 1)[-1]:
-                raise RuntimeError(f"copy_weights: {ks} {tuple(vs.shape)} vs {kd} {tuple(vd.shape)}")
-            vd.copy_(vs)
 
 
 def make_data(seed: int = 0) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:

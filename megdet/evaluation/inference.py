@@ -128,6 +128,8 @@ class CategoryInfo:
     coco_ids: list[int]  # label i + 1 <-> coco_ids[i]
     skeleton: list[tuple[int, int]] | None  # 0-based keypoint index pairs, or None
     source: str  # where this came from (for messages)
+    # Labels (1-based) whose category defines keypoints (COCO: person); None = unknown, every label.
+    keypoint_labels: frozenset[int] | None = None
 
 
 def _skeleton_of(categories: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]] | None:
@@ -175,7 +177,10 @@ def category_info(cfg: Config, checkpoint: Mapping[str, Any] | None = None) -> C
             continue
         if len(names) == k:  # categories of another dataset would mislabel everything
             skeleton = _skeleton_of(ordered) if cfg.model.keypoint_on else None
-            return CategoryInfo(names, [int(c["id"]) for c in ordered], skeleton, source)
+            kp_labels = frozenset(i + 1 for i, c in enumerate(ordered) if c.get("keypoints"))
+            return CategoryInfo(
+                names, [int(c["id"]) for c in ordered], skeleton, source, kp_labels or None
+            )
     skeleton = (
         [(a - 1, b - 1) for a, b in COCO_SKELETON]
         if cfg.model.keypoint_on and cfg.model.num_keypoints == 17
@@ -455,9 +460,15 @@ def predict_files(
             n += 1
             name = f"{path.stem}_{n}"
         used.add(name)
-        drawn = draw_predictions(image, pred, categories.names, score_threshold, categories.skeleton)
+        drawn = draw_predictions(
+            image, pred, categories.names, score_threshold, categories.skeleton,
+            keypoint_labels=categories.keypoint_labels,
+        )  # fmt: skip
         png = save_png(drawn, out / f"{name}.png")
-        detections = predictions_to_json(pred, categories.names, categories.coco_ids, score_threshold)
+        detections = predictions_to_json(
+            pred, categories.names, categories.coco_ids, score_threshold,
+            keypoint_labels=categories.keypoint_labels,
+        )  # fmt: skip
         entry = {
             "image": str(path),
             "height": int(image.shape[-2]),

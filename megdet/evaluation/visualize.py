@@ -6,7 +6,7 @@ this module picks what to draw (score threshold, visible keypoints), the colours
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ def draw_predictions(
     *,
     mask_threshold: float = 0.5,
     keypoint_threshold: float = 0.0,
+    keypoint_labels: Collection[int] | None = None,
     mask_alpha: float = 0.45,
     box_width: int = 2,
 ) -> Tensor:
@@ -68,7 +69,9 @@ def draw_predictions(
     ``image``: uint8 (3, H, W) in the prediction's coordinates. ``prediction``: ``boxes`` (N, 4) xyxy,
     ``scores``, ``labels`` (1..len(category_names)), optional ``masks`` (N, 1, H, W) probabilities
     (drawn where > ``mask_threshold``) and ``keypoints`` (N, K, 3) x, y, score (a keypoint is drawn when
-    its score > ``keypoint_threshold``; ``skeleton`` pairs are 0-based keypoint indices).
+    its score > ``keypoint_threshold``; ``skeleton`` pairs are 0-based keypoint indices). Keypoints are
+    drawn only for detections whose label is in ``keypoint_labels`` (None: every detection) -- the
+    keypoint head predicts them for every box, but only persons have any.
     Returns a uint8 (3, H, W) tensor.
     """
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
@@ -101,6 +104,8 @@ def draw_predictions(
         kps = det["keypoints"].float()
         connectivity = None if skeleton is None else [(int(a), int(b)) for a, b in skeleton]
         for i in range(kps.shape[0]):  # one call per instance: draw_keypoints takes a single colour
+            if not _has_keypoints(int(labels[i]), keypoint_labels):
+                continue
             visible = kps[i : i + 1, :, 2] > keypoint_threshold
             if visible.any():
                 out = draw_keypoints(
@@ -108,6 +113,10 @@ def draw_predictions(
                     visibility=visible,
                 )  # fmt: skip
     return out
+
+
+def _has_keypoints(label: int, keypoint_labels: Collection[int] | None) -> bool:
+    return keypoint_labels is None or label in keypoint_labels
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
@@ -128,12 +137,13 @@ def predictions_to_json(
     score_threshold: float = 0.5,
     *,
     mask_threshold: float = 0.5,
+    keypoint_labels: Collection[int] | None = None,
 ) -> list[dict[str, Any]]:
     """The detections scoring at least ``score_threshold`` as JSON-ready dicts (what ``megdet predict`` writes).
 
     Each: ``box`` [x1, y1, x2, y2], ``label`` (category name), ``category_id`` (COCO id), ``score``,
-    and when present ``mask`` (compressed RLE, counts as str) and ``keypoints`` [[x, y, score], ...].
-    Sorted by decreasing score.
+    and when present ``mask`` (compressed RLE, counts as str) and ``keypoints`` [[x, y, score], ...]
+    (only for labels in ``keypoint_labels``; None: every detection). Sorted by decreasing score.
     """
     det = _select(prediction, score_threshold)
     order = torch.argsort(det["scores"], descending=True)
@@ -151,7 +161,7 @@ def predictions_to_json(
         }
         if rles is not None:
             item["mask"] = rles[i]
-        if "keypoints" in det:
+        if "keypoints" in det and _has_keypoints(lab, keypoint_labels):
             item["keypoints"] = [[float(v) for v in kp] for kp in det["keypoints"][i].tolist()]
         items.append(item)
     return items

@@ -168,12 +168,15 @@ def test_category_info_from_checkpoint_dataset_or_generic(setup: dict, tmp_path:
     assert info.names[:3] == ["circle", "triangle", "rectangle"] and info.names[-1] == "person"
     assert info.coco_ids == list(range(1, 8))
     assert info.skeleton is not None and (15, 13) in info.skeleton  # COCO's (16, 14), 0-based
+    assert info.keypoint_labels == {7}  # only persons get keypoints drawn and exported
     stored = [{"id": 10 + i, "name": f"thing{i}"} for i in range(7)]
     info = category_info(cfg, {"categories": stored})
     assert info.names[0] == "thing0" and info.coco_ids[0] == 10 and info.source == "the checkpoint"
+    assert info.keypoint_labels is None  # no category says it has keypoints: every label
     elsewhere = tiny_config(tmp_path / "nowhere")
     info = category_info(elsewhere)
     assert info.names == [f"class_{i}" for i in range(1, 8)] and info.skeleton is not None
+    assert info.keypoint_labels is None
 
 
 def test_predict_image_returns_original_coordinates(setup: dict, tmp_path: Path) -> None:

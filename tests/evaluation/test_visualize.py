@@ -107,3 +107,19 @@ def test_predictions_to_json() -> None:
         "category_id",
         "score",
     }
+
+
+def test_keypoints_only_for_keypoint_categories() -> None:
+    """The keypoint head predicts keypoints for every box; only persons' are drawn and exported."""
+    image = torch.full((3, H, W), 40, dtype=torch.uint8)
+    pred = _prediction()
+    # A visible keypoint of the "square", inside its box but outside its mask.
+    pred["keypoints"][0, 0] = torch.tensor([34.0, 28.0, 0.9])
+    drawn = (draw_predictions(image, pred, NAMES, keypoint_labels={3}) != image).any(0)
+    assert drawn[30, 70] and drawn[40, 72]  # the person's (label 3) keypoints
+    assert not drawn[28, 34]
+    everything = (draw_predictions(image, pred, NAMES) != image).any(0)
+    assert everything[28, 34]  # without the filter, the square's keypoint is drawn too
+    items = predictions_to_json(pred, NAMES, COCO_IDS, keypoint_labels={3})
+    assert "keypoints" not in items[0] and len(items[1]["keypoints"]) == 17
+    assert "keypoints" in predictions_to_json(pred, NAMES, COCO_IDS)[0]
