@@ -22,44 +22,18 @@ from megdet.modeling import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-TINY = [
-    "model.backbone=resnet18",
-    "model.fpn_channels=32",
-    "model.mask_on=true",
-    "model.keypoint_on=true",
-    "model.rpn.pre_nms_top_n_test=100",
-    "model.rpn.post_nms_top_n_test=50",
-    "model.roi.box_head_dim=64",
-    "model.roi.mask_head_convs=1",
-    "model.roi.mask_head_dim=16",
-    "model.roi.keypoint_head_convs=1",
-    "model.roi.keypoint_head_dim=16",
-    "model.roi.detections_per_img=10",
-    "data.min_size_test=64",
-    "data.max_size_test=96",
-    "data.num_workers=0",
+@pytest.fixture(scope="session")
+def tiny(tiny_overrides: list[str]) -> list[str]:
     # One image per batch: then the images a rank batches together cannot matter when the
     # distributed run is compared with the single-process one.
-    "test.images_per_device=1",
-    "test.tta.min_sizes=[64]",
-    "train.device=cpu",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a loaded 2-core machine spin against each other (20x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return [*tiny_overrides, "test.images_per_device=1", "test.tta.min_sizes=[64]", "train.device=cpu"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny: list[str]) -> dict:
     root = tmp_path_factory.mktemp("synth")
     generate_synthetic_coco(root, num_train=4, num_val=5, image_size=96, seed=0, workers=1, progress=False)
-    cfg = load_config(None, [f"data.root={root}", *TINY])
+    cfg = load_config(None, [f"data.root={root}", *tiny])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     ckpt = root / "run" / "model_0000010.pt"
@@ -221,8 +195,10 @@ def test_eval_ensemble_with_tta(setup: dict, tmp_path: Path, capsys: pytest.Capt
     assert "TTA ensemble of 2" in capsys.readouterr().out
 
 
-def test_eval_with_a_config_that_does_not_fit_is_one_line(setup: dict, capsys: pytest.CaptureFixture) -> None:
-    argv = ["eval", "--config", str(setup["config_yaml"]), "--weights", str(setup["ckpt"]), *TINY]
+def test_eval_with_a_config_that_does_not_fit_is_one_line(
+    setup: dict, capsys: pytest.CaptureFixture, tiny: list[str]
+) -> None:
+    argv = ["eval", "--config", str(setup["config_yaml"]), "--weights", str(setup["ckpt"]), *tiny]
     argv += [f"data.root={setup['root']}", "model.fpn_channels=16"]
     err = _one_line_error(capsys, main(argv))
     assert "shape mismatch" in err and str(setup["ckpt"]) in err
@@ -251,7 +227,9 @@ def test_predict_writes_drawings_and_json(setup: dict, tmp_path: Path, capsys: p
         assert drawn.shape == original.shape and not np.array_equal(drawn, original)
         assert json.loads((out / f"{name}.json").read_text()) == entry
         dets = entry["detections"]
-        assert dets and {"box", "label", "category_id", "score", "mask", "keypoints"} <= set(dets[0])
+        assert dets and all({"box", "label", "category_id", "score", "mask"} <= set(d) for d in dets)
+        # Keypoints only for persons (the only category whose annotations define keypoints).
+        assert all(("keypoints" in d) == (d["label"] == "person") for d in dets)
         h, w = original.shape[:2]
         assert (entry["height"], entry["width"]) == (h, w)
         assert all(d["mask"]["size"] == [h, w] for d in dets)

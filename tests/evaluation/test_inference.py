@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megdet.config import Config, config_to_dict, load_config
+from megdet.config import config_to_dict
 from megdet.data.errors import DatasetError
 from megdet.data.synthetic import generate_synthetic_coco
 from megdet.engine.checkpoint import CheckpointError, save_checkpoint
@@ -30,48 +30,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 PERSON = 7
 
 
-def tiny_config(root: Path, *extra: str) -> Config:
-    """ResNet-18 FPN with 32 channels, narrow heads, few proposals; boxes, masks and keypoints."""
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "model.backbone=resnet18",
-            "model.fpn_channels=32",
-            "model.mask_on=true",
-            "model.keypoint_on=true",
-            "model.rpn.pre_nms_top_n_test=100",
-            "model.rpn.post_nms_top_n_test=50",
-            "model.roi.box_head_dim=64",
-            "model.roi.mask_head_convs=1",
-            "model.roi.mask_head_dim=16",
-            "model.roi.keypoint_head_convs=1",
-            "model.roi.keypoint_head_dim=16",
-            "model.roi.detections_per_img=10",
-            "data.min_size_test=64",
-            "data.max_size_test=96",
-            "data.num_workers=0",
-            "test.images_per_device=2",
-            "test.tta.min_sizes=[64]",
-            *extra,
-        ],
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a loaded 2-core machine spin against each other (20x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="session")
+def tiny_inference_config(tiny_config):
+    """The shared tiny config with this file's test batch and TTA size."""
+    return lambda root, *extra: tiny_config(root, "test.images_per_device=2", "test.tta.min_sizes=[64]", *extra)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_inference_config) -> dict:
     root = tmp_path_factory.mktemp("synth")
     generate_synthetic_coco(root, num_train=4, num_val=5, image_size=96, seed=0, workers=1, progress=False)
-    cfg = tiny_config(root)
+    cfg = tiny_inference_config(root)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     ckpt = root / "run" / "model_0000010.pt"
@@ -96,8 +65,10 @@ def test_load_model_from_checkpoint_uses_the_stored_config_and_overrides(setup: 
     assert meta["iteration"] == 10 and "model" not in meta
 
 
-def test_checkpoint_problems_are_one_line_errors_naming_the_file(setup: dict, tmp_path: Path) -> None:
-    other = tiny_config(setup["root"], "model.fpn_channels=16")
+def test_checkpoint_problems_are_one_line_errors_naming_the_file(
+    setup: dict, tmp_path: Path, tiny_inference_config
+) -> None:
+    other = tiny_inference_config(setup["root"], "model.fpn_channels=16")
     with pytest.raises(CheckpointError, match="shape mismatch") as e:
         load_model_from_checkpoint(setup["ckpt"], other)
     assert str(setup["ckpt"]) in str(e.value) and "\n" not in str(e.value)
@@ -145,8 +116,10 @@ def test_evaluate_model_writes_results_eval_and_timing(setup: dict, tmp_path: Pa
     assert "5 images" in printed and "img/s" in printed and "keypoints" in printed
 
 
-def test_evaluate_model_tta_ensemble_of_itself_equals_tta_alone(setup: dict, tmp_path: Path) -> None:
-    cfg = tiny_config(setup["root"], "test.max_images=2", "test.tta.flip=true")
+def test_evaluate_model_tta_ensemble_of_itself_equals_tta_alone(
+    setup: dict, tmp_path: Path, tiny_inference_config
+) -> None:
+    cfg = tiny_inference_config(setup["root"], "test.max_images=2", "test.tta.flip=true")
     model = setup["model"]
     alone = evaluate_model(model, cfg, out_dir=tmp_path / "a", tta=True, progress=False)
     twice = evaluate_model([model, model], cfg, out_dir=tmp_path / "b", tta=True, progress=False)
@@ -162,7 +135,9 @@ def test_evaluate_model_tta_ensemble_of_itself_equals_tta_alone(setup: dict, tmp
 # --------------------------------------------------------------------------------------------------
 
 
-def test_category_info_from_checkpoint_dataset_or_generic(setup: dict, tmp_path: Path) -> None:
+def test_category_info_from_checkpoint_dataset_or_generic(
+    setup: dict, tmp_path: Path, tiny_inference_config
+) -> None:
     cfg = setup["cfg"]
     info = category_info(cfg)
     assert info.names[:3] == ["circle", "triangle", "rectangle"] and info.names[-1] == "person"
@@ -173,7 +148,7 @@ def test_category_info_from_checkpoint_dataset_or_generic(setup: dict, tmp_path:
     info = category_info(cfg, {"categories": stored})
     assert info.names[0] == "thing0" and info.coco_ids[0] == 10 and info.source == "the checkpoint"
     assert info.keypoint_labels is None  # no category says it has keypoints: every label
-    elsewhere = tiny_config(tmp_path / "nowhere")
+    elsewhere = tiny_inference_config(tmp_path / "nowhere")
     info = category_info(elsewhere)
     assert info.names == [f"class_{i}" for i in range(1, 8)] and info.skeleton is not None
     assert info.keypoint_labels is None

@@ -6,12 +6,9 @@ The model is a tiny randomly initialised Mask+Keypoint R-CNN: the checks are con
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from megdet.config import Config, load_config
 from megdet.data.loader import build_test_dataset
 from megdet.data.synthetic import generate_synthetic_coco
 from megdet.data.transforms import Compose, Normalize, ResizeShortestEdge
@@ -22,43 +19,8 @@ from megdet.modeling import build_model
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def tiny_config(root: Path, *extra: str) -> Config:
-    """ResNet-18 FPN with 32 channels, narrow heads, few proposals; boxes, masks and keypoints."""
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "model.backbone=resnet18",
-            "model.fpn_channels=32",
-            "model.mask_on=true",
-            "model.keypoint_on=true",
-            "model.rpn.pre_nms_top_n_test=100",
-            "model.rpn.post_nms_top_n_test=50",
-            "model.roi.box_head_dim=64",
-            "model.roi.mask_head_convs=1",
-            "model.roi.mask_head_dim=16",
-            "model.roi.keypoint_head_convs=1",
-            "model.roi.keypoint_head_dim=16",
-            "model.roi.detections_per_img=10",
-            "data.min_size_test=64",
-            "data.max_size_test=96",
-            "data.num_workers=0",
-            *extra,
-        ],
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two intra-op threads on a loaded 2-core machine spin against each other (20x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> dict:
     root = tmp_path_factory.mktemp("synth")
     generate_synthetic_coco(root, num_train=4, num_val=4, image_size=96, seed=0, workers=1, progress=False)
     cfg = tiny_config(root)
