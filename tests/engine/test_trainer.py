@@ -51,11 +51,15 @@ def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
             assert a[k] == b[k], f"{where}{k}"
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_and_resumed_run_is_bit_identical(tiny_cfg, tmp_path, monkeypatch, workers: int) -> None:
+# Both optimizers, without a third run: AdamW's state (step counts, two moments) must resume exactly too.
+@pytest.mark.parametrize(("workers", "optimizer"), [(0, "sgd"), (2, "adamw")])
+def test_killed_and_resumed_run_is_bit_identical(
+    tiny_cfg, tmp_path, monkeypatch, workers: int, optimizer: str
+) -> None:
     # Evaluation (with workers=0 only, to save time) must not disturb the training stream either.
     evals = ["test.eval_period=2", "test.max_images=2"] if workers == 0 else []
     common = ["train.max_iters=4", "train.checkpoint_period=2", f"data.num_workers={workers}", *evals]
+    common.append(f"solver.optimizer={optimizer}")
     full = train(tiny_cfg(*common, f"train.out_dir={tmp_path / 'full'}"))
     assert full["iteration"] == 4 and (workers or "bbox" in full["eval"])
 
@@ -82,6 +86,8 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_cfg, tmp_path, monkeypatch
     b = load_checkpoint(tmp_path / "resumed" / "model_0000004.pt")
     _assert_same_state(a["model"], b["model"], "model.")
     _assert_same_state(a["optimizer"], b["optimizer"], "optimizer.")
+    first_state = next(iter(a["optimizer"]["state"].values()))
+    assert ("exp_avg" in first_state) == (optimizer == "adamw")  # the optimizer asked for was used
     _assert_same_state(a["rng"][0], b["rng"][0], "rng.")
     assert a["scheduler"] == b["scheduler"] == {"iteration": 4}
     assert a["sampler_position"] == b["sampler_position"] == 4
