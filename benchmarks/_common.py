@@ -152,28 +152,26 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path | None =
 # --------------------------------------------------------------------------------------------------
 
 
-def proc_status_mb(key: str) -> float | None:
-    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``...) in MiB; None where unavailable."""
+def _proc_kb_field_mb(path: str, key: str) -> float | None:
+    # "Key:   1234 kB" lines, as /proc/self/status and /proc/meminfo write them.
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def proc_status_mb(key: str) -> float | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``...) in MiB; None where unavailable."""
+    return _proc_kb_field_mb("/proc/self/status", key)
 
 
 def proc_meminfo_mb(key: str) -> float | None:
     """A ``kB`` field of /proc/meminfo (``MemTotal``, ``MemAvailable``...) in MiB; None where unavailable."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kb_field_mb("/proc/meminfo", key)
 
 
 def reset_peak_rss() -> bool:

@@ -588,21 +588,10 @@ def plot_study(results: Sequence[RunResult], path: Path, title: str = "") -> Pat
 def ensure_dataset(root: Path, num_train: int, num_val: int, image_size: int, seed: int = 0) -> bool:
     """Generates the synthetic data set into ``root`` unless the one there has the same settings
     (recorded in ``root/synth.json``, as ``megdet demo`` records them); True when it generated."""
-    from megdet.data.synthetic import generate_synthetic_coco
+    from megdet.data.synthetic import ensure_synthetic_coco
 
-    want = {"generator": "megdet.data.synthetic", "num_train": num_train, "num_val": num_val,
-            "image_size": image_size, "seed": seed}
-    stamp = root / "synth.json"
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == want:
-                return False
-        except ValueError:
-            pass
-    generate_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
-                            workers=PROCESSES, progress=False)
-    stamp.write_text(json.dumps(want, indent=2))
-    return True
+    return ensure_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                                 workers=PROCESSES, progress=False)  # fmt: skip
 
 
 def _children_cpu_s() -> float:

@@ -30,35 +30,12 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 _OUTPUTS = ("train", "eval", "eval_tta", "examples")
 
 
-def _stamp(cfg_synth: Any) -> dict[str, Any]:
-    return {"generator": "megdet.data.synthetic", **asdict(cfg_synth)}
-
-
 def ensure_synthetic_dataset(root: str | Path, synth_cfg: Any, workers: int = 2, progress: bool = True) -> bool:
-    """Generates the synthetic dataset into ``root`` unless the one there was made with the same
-    settings (recorded in ``root/synth.json``); returns True when it generated."""
-    from megdet.data.synthetic import generate_synthetic_coco
+    """The config's synthetic dataset (``data.synth``) in ``root``, generated unless already there with
+    the same settings (:func:`megdet.data.synthetic.ensure_synthetic_coco`); True when it generated."""
+    from megdet.data.synthetic import ensure_synthetic_coco
 
-    root = Path(root)
-    stamp_file = root / "synth.json"
-    want = _stamp(synth_cfg)
-    if stamp_file.is_file():
-        try:
-            if json.loads(stamp_file.read_text()) == want:
-                return False
-        except ValueError:
-            pass
-    generate_synthetic_coco(
-        root,
-        num_train=synth_cfg.num_train,
-        num_val=synth_cfg.num_val,
-        image_size=synth_cfg.image_size,
-        seed=synth_cfg.seed,
-        workers=workers,
-        progress=progress,
-    )
-    stamp_file.write_text(json.dumps(want, indent=2))
-    return True
+    return ensure_synthetic_coco(root, **asdict(synth_cfg), workers=workers, progress=progress)
 
 
 def resolve_demo_config(config: str | Path | None) -> Path:

@@ -583,3 +583,30 @@ def generate_synthetic_coco(
             pool.close()
             pool.join()
     return summary
+
+
+def ensure_synthetic_coco(
+    out_dir: str | Path,
+    num_train: int = 1000,
+    num_val: int = 200,
+    image_size: int = 256,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+) -> bool:
+    """:func:`generate_synthetic_coco` into ``out_dir`` unless the dataset there was made with the same
+    settings (recorded in ``out_dir/synth.json``); returns True when it generated."""
+    out_dir = Path(out_dir)
+    stamp = out_dir / "synth.json"
+    want = {"generator": "megdet.data.synthetic", "num_train": num_train, "num_val": num_val,
+            "image_size": image_size, "seed": seed}  # fmt: skip
+    if stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == want:
+                return False
+        except ValueError:
+            pass  # unreadable stamp: regenerate
+    generate_synthetic_coco(out_dir, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                            workers=workers, progress=progress)  # fmt: skip
+    stamp.write_text(json.dumps(want, indent=2))
+    return True

@@ -119,6 +119,14 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_optimizer(s: SolverConfig) -> None:
+    # Both entry points check it: build_optimizer is also called without resolve_schedule.
+    _check(
+        s.optimizer in OPTIMIZERS,
+        f"solver.optimizer: unknown optimizer '{s.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
+    )
+
+
 def resolve_schedule(
     solver_cfg: SolverConfig,
     world_size: int,
@@ -151,10 +159,7 @@ def resolve_schedule(
         s.policy in POLICIES,
         f"solver.policy: unknown policy '{s.policy}'; choose one of {', '.join(POLICIES)}",
     )
-    _check(
-        s.optimizer in OPTIMIZERS,
-        f"solver.optimizer: unknown optimizer '{s.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
-    )
+    _check_optimizer(s)
     _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
     _check(
         s.warmup_iters >= -1, f"solver.warmup_iters: expected -1 (automatic) or >= 0, got {s.warmup_iters}"
@@ -328,10 +333,7 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
 def build_optimizer(model: nn.Module, solver_cfg: SolverConfig, lr: float) -> torch.optim.Optimizer:
     """``solver.optimizer``: SGD with momentum (MegDet's), or AdamW (decoupled weight decay);
     ``solver.weight_decay_norm`` (default 0) for norm parameters and all biases."""
-    _check(
-        solver_cfg.optimizer in OPTIMIZERS,
-        f"solver.optimizer: unknown optimizer '{solver_cfg.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
-    )
+    _check_optimizer(solver_cfg)
     groups = param_groups(model, solver_cfg.weight_decay, solver_cfg.weight_decay_norm)
     if not groups:
         raise ConfigError("the model has no trainable parameters; check model.trainable_layers")
