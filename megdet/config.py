@@ -60,6 +60,11 @@ class RoIConfig:
     keypoint_pool_size: int = 14
     keypoint_head_convs: int = 8
     keypoint_head_dim: int = 512
+    # Scales loss_keypoint (a 56x56-way cross-entropy, ~8 at the start, the largest term when trained
+    # from scratch; it shares the backbone with the box and mask losses).
+    keypoint_loss_weight: float = 1.0
+    # Foreground RoIs per image the mask and keypoint heads train on (random subset); 0 = all of them.
+    max_mask_keypoint_rois: int = 0
     sampling_ratio: int = 2  # RoIAlign only; PrRoIPool integrates exactly
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5

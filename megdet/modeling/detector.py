@@ -122,8 +122,8 @@ def postprocess_detections(
 def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
 
-    Returns ``{"num_classes", "backbone", "rpn", "box_head", "mask_head", "keypoint_head"}``; the
-    last two are ``None`` when the task is off. The FPN and heads use ``default_head_norm(norm)``.
+    Returns ``{"num_classes", "max_mask_keypoint_rois", "backbone", "rpn", "box_head", "mask_head",
+    "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads use ``default_head_norm(norm)``.
     """
     m = cfg.model
     check_norm(m.norm)
@@ -134,6 +134,7 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     pooler = {"pooler_type": roi.pooler, "sampling_ratio": roi.sampling_ratio, "norm": head_norm}
     return {
         "num_classes": m.num_classes,
+        "max_mask_keypoint_rois": roi.max_mask_keypoint_rois,
         "backbone": {
             "name": m.backbone,
             "norm": m.norm,
@@ -187,6 +188,7 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
             "num_convs": roi.keypoint_head_convs,
             "conv_dim": roi.keypoint_head_dim,
             "pool_size": roi.keypoint_pool_size,
+            "loss_weight": roi.keypoint_loss_weight,
             **pooler,
         }
         if m.keypoint_on
@@ -204,7 +206,7 @@ def build_model_from_kwargs(kwargs: Mapping[str, Any], channels_last: bool = Fal
     mask_kw, kp_kw = kwargs.get("mask_head"), kwargs.get("keypoint_head")
     mask_head = MaskHead(in_channels=c, scales=scales, **mask_kw) if mask_kw else None
     kp_head = KeypointHead(in_channels=c, scales=scales, **kp_kw) if kp_kw else None
-    heads = RoIHeads(box_head, mask_head, kp_head)
+    heads = RoIHeads(box_head, mask_head, kp_head, kwargs.get("max_mask_keypoint_rois", 0))
     return GeneralizedRCNN(backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last)
 
 

@@ -89,12 +89,13 @@ def test_heatmaps_to_keypoints_finds_the_peak() -> None:
     assert heatmaps_to_keypoints(torch.zeros(0, 5, 56, 56), torch.zeros(0, 4)).shape == (0, 5, 3)
 
 
-def _roi_heads(norm: str = "none") -> RoIHeads:
+def _roi_heads(norm: str = "none", max_mask_keypoint_rois: int = 0) -> RoIHeads:
     common = {"in_channels": C, "pool_size": 4, "conv_dim": 8, "num_convs": 1, "norm": norm}
     return RoIHeads(
         _box_head(batch_size_per_image=32, positive_fraction=0.5),
         MaskHead(num_classes=3, **common),
         KeypointHead(num_keypoints=5, **common),
+        max_mask_keypoint_rois=max_mask_keypoint_rois,
     )
 
 
@@ -137,6 +138,54 @@ def test_keypoints_train_only_on_rois_of_instances_with_labelled_keypoints(monke
     assert losses["loss_keypoint"] > 0
     sum(losses.values()).backward()
     assert heads.keypoint_head.predictor.kps_score_lowres.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+def test_mask_and_keypoint_rois_are_capped_per_image(monkeypatch, cap: int) -> None:
+    torch.manual_seed(0)
+    heads = _roi_heads(max_mask_keypoint_rois=cap).train()
+    seen: dict[str, list[list[torch.Tensor]]] = {"mask": [], "keypoint": []}
+    for name in seen:
+        head = getattr(heads, f"{name}_head")
+
+        def spy(features, boxes, _name=name, _orig=head.forward):
+            seen[_name].append([b.clone() for b in boxes])
+            return _orig(features, boxes)
+
+        monkeypatch.setattr(head, "forward", spy)
+    targets = _person_targets()
+    # Six proposals around each object: all of them are foreground RoIs.
+    jitter = torch.arange(6.0)[:, None] * torch.tensor([0.5, 0.5, -0.5, -0.5])
+    proposals = [torch.cat([b + jitter for b in targets[0]["boxes"]]), torch.tensor([[0.0, 0.0, 30.0, 30.0]])]
+    _, losses = heads(_features(), proposals, [(64, 64), (64, 64)], targets)
+    (mask_boxes,), (kp_boxes,) = seen["mask"], seen["keypoint"]
+    if cap == 0:  # 12 proposals + 2 GT boxes are foreground; 7 of them on the person
+        assert len(mask_boxes[0]) == 14 and len(kp_boxes[0]) == 7
+    else:
+        assert len(mask_boxes[0]) == cap and len(kp_boxes[0]) == cap
+        assert all(b[0] >= 30 for b in kp_boxes[0])  # the cap subsamples the person's RoIs only
+    assert len(mask_boxes[1]) == 0 and len(kp_boxes[1]) == 0
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="max_mask_keypoint_rois"):
+        _roi_heads(max_mask_keypoint_rois=-1)
+
+
+def test_keypoint_loss_weight_scales_the_loss_only() -> None:
+    targets = _person_targets()
+    boxes = [targets[0]["boxes"][1:] + 1.0, torch.zeros(0, 4)]
+    matched = [torch.tensor([0]), torch.zeros(0, dtype=torch.int64)]
+    matched[0] += 1  # the person is GT 1 of image 0
+    common = {"in_channels": C, "num_keypoints": 5, "pool_size": 4, "conv_dim": 8, "num_convs": 1}
+    torch.manual_seed(0)
+    plain = KeypointHead(**common)
+    torch.manual_seed(0)
+    weighted = KeypointHead(**common, loss_weight=0.25)
+    feats = _features()
+    a = plain.loss(plain(feats, boxes), boxes, matched, targets)
+    b = weighted.loss(weighted(feats, boxes), boxes, matched, targets)
+    assert a > 0 and torch.allclose(b, 0.25 * a)
+    with pytest.raises(ValueError, match="keypoint_loss_weight"):
+        KeypointHead(**common, loss_weight=-1.0)
 
 
 def test_no_labelled_keypoint_gives_zero_finite_loss_with_graph() -> None:
