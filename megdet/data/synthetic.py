@@ -608,5 +608,5 @@ def ensure_synthetic_coco(
             pass  # unreadable stamp: regenerate
     generate_synthetic_coco(out_dir, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
                             workers=workers, progress=progress)  # fmt: skip
-    stamp.write_text(json.dumps(want, indent=2))
+    _write_json(stamp, want)  # atomic: a stamp exists only for a finished dataset
     return True

@@ -123,7 +123,8 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
 
     Returns ``{"num_classes", "max_mask_keypoint_rois", "backbone", "rpn", "box_head", "mask_head",
-    "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads use ``default_head_norm(norm)``.
+    "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads use
+    ``default_head_norm(norm)``.
     """
     m = cfg.model
     check_norm(m.norm)

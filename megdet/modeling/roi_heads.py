@@ -369,9 +369,9 @@ class RoIHeads(nn.Module):
     def _cap(self, boxes: list[Tensor], matched: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """At most ``max_mask_keypoint_rois`` RoIs per image, a uniform random subset (0: all).
 
-        The foreground RoIs of one object overlap heavily (IoU >= 0.5), so a subset keeps nearly all
-        of the mask / keypoint signal while the heads' cost follows the RoI count (measured on the
-        demo config: the two heads were ~45% of a training step with all foreground RoIs).
+        The foreground RoIs of one object overlap heavily (IoU >= 0.5), while the heads' cost follows
+        the RoI count (measured on the demo config, 4 images, 1 thread: a step took 1.05 s with every
+        foreground RoI, 0.61 s without the two heads, 0.73 s with a cap of 4).
         """
         cap = self.max_mask_keypoint_rois
         if cap <= 0:
