@@ -22,8 +22,9 @@ the other rank -- on a shared, oversubscribed machine mostly for it to be schedu
 per-iteration loss all-reduce (one small collective for logging) is not part of the step.
 
 Collectives are COUNTED, not estimated, in a separate pass on copies of the two models (so the timed
-models run exactly the trainer's code): ``torch.distributed.all_reduce`` is wrapped (that is how
-CrossDeviceBatchNorm2d communicates) and the calls are attributed to the forward, backward or
+models run exactly the trainer's code): ``megdet.layers.collectives.all_reduce`` is wrapped (that is
+how CrossDeviceBatchNorm2d communicates: shared memory between the two local ranks, or gloo with
+``--no-shm``, which sets ``MEGDET_SHM_COLLECTIVES=0`` for the workers) and the calls are attributed to the forward, backward or
 optimizer phase; DDP's gradient buckets are counted by a communication hook that does what DDP's
 default all-reduce does (average) and records each bucket's size; DDP's buffer broadcasts are counted
 by wrapping its broadcast method. The second iteration is reported (DDP rebuilds its buckets after the
@@ -35,7 +36,7 @@ run on CPU tensors, which is why this layer exists; the error is reported.
 
     python benchmarks/cross_device_bn.py [--quick] [--config configs/synth_all_r18.yaml] [--size 160]
 
-Prints tables, writes benchmarks/results/cross_device_bn.json.
+Prints tables, writes benchmarks/results/cross_device_bn.json (cross_device_bn_gloo.json with --no-shm).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -124,6 +126,7 @@ def count_collectives(model: Any, norm: str, batch: Any, cfg: Any, iterations: i
     from torch.nn.parallel import DistributedDataParallel
 
     from megdet.engine.lr_policy import build_optimizer
+    from megdet.layers import collectives
     from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 
     counter = CollectiveCounter()
@@ -140,9 +143,11 @@ def count_collectives(model: Any, norm: str, batch: Any, cfg: Any, iterations: i
 
     ddp._distributed_broadcast_coalesced = broadcast  # DDP calls it through the instance
 
+    original_bn_all_reduce = collectives.all_reduce
+
     def counting_all_reduce(tensor: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = original_all_reduce(tensor, *args, **kwargs)
+        out = original_bn_all_reduce(tensor, *args, **kwargs)
         counter.record_all_reduce(tensor, time.perf_counter() - t0)
         return out
 
@@ -152,7 +157,7 @@ def count_collectives(model: Any, norm: str, batch: Any, cfg: Any, iterations: i
 
     handles = [m.register_forward_hook(bn_hook) for m in copy_.modules() if isinstance(m, CrossDeviceBatchNorm2d)]
     optimizer = build_optimizer(copy_, cfg.solver, LR)
-    dist.all_reduce = counting_all_reduce  # CrossDeviceBatchNorm2d calls dist.all_reduce at call time
+    collectives.all_reduce = counting_all_reduce  # CrossDeviceBatchNorm2d looks it up at call time
     try:
         for _ in range(iterations):
             counter.reset()
@@ -166,7 +171,7 @@ def count_collectives(model: Any, norm: str, batch: Any, cfg: Any, iterations: i
             optimizer.step()
             counter.phase = "other"
     finally:
-        dist.all_reduce = original_all_reduce
+        collectives.all_reduce = original_bn_all_reduce
         for h in handles:
             h.remove()
     out = counter.summary()
@@ -305,8 +310,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3, quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 15, quick 6)")
-    parser.add_argument("--sublinear-memory", default="off", choices=("off", "stages", "blocks"),
+    parser.add_argument("--sublinear-memory", default="off", choices=("off", "stages", "blocks", "nested"),
                         help="train.sublinear_memory for both variants (recomputation repeats BN collectives)")
+    parser.add_argument("--no-shm", action="store_true",
+                        help="BN all-reduces through gloo instead of shared memory (MEGDET_SHM_COLLECTIVES=0)")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
@@ -320,8 +327,11 @@ def main() -> None:
         worker(args)
         return
 
+    if args.no_shm:
+        os.environ["MEGDET_SHM_COLLECTIVES"] = "0"  # inherited by the workers
+    transport = "gloo" if args.no_shm else "shared memory"
     started = time.perf_counter()
-    print(f"{NPROC} ranks (gloo, {args.threads} thread(s) each), {args.images} x {args.size}^2 per rank, "
+    print(f"{NPROC} ranks (gloo, {args.threads} thread(s) each; BN all-reduces through {transport}), {args.images} x {args.size}^2 per rank, "
           f"{Path(args.config).name}, {args.warmup} warm-up + {args.steps} measured rounds", flush=True)
     with tempfile.TemporaryDirectory(prefix="cross_device_bn_") as tmp:
         out = Path(tmp) / "result.json"
@@ -363,7 +373,7 @@ def main() -> None:
           f"{'yes' if cd['bn_all_reduce'].get('forward', 0) == calls.get('forward', 0) else 'NO'}")
     print(f"torch.nn.SyncBatchNorm (PyTorch's equivalent) on this gloo/CPU group: {raw['torch_sync_batchnorm']}")
 
-    path = write_results("cross_device_bn", {
+    path = write_results("cross_device_bn_gloo" if args.no_shm else "cross_device_bn", {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "quick": args.quick,
         "config": args.config,
@@ -372,6 +382,7 @@ def main() -> None:
         "warmup_rounds": args.warmup,
         "measured_rounds": args.steps,
         "sublinear_memory": args.sublinear_memory,
+        "bn_all_reduce_transport": transport,
         "world_size": raw["world_size"],
         "backend": raw["backend"],
         "threads_per_rank": raw["threads_per_rank"],

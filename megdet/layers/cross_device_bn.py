@@ -1,8 +1,9 @@
 """Cross-device BatchNorm (MegDet's CGBN): BatchNorm statistics over every image of a device group.
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors as soon as a process group exists, so it cannot be used
-with gloo; this layer is written on plain ``torch.distributed.all_reduce`` calls and therefore runs on
-gloo (CPU) and NCCL (CUDA) alike. Per layer it issues exactly one fused all-reduce in the forward pass
+with gloo; this layer is written on plain all-reduce calls and therefore runs on gloo (CPU) and NCCL
+(CUDA) alike (:func:`megdet.layers.collectives.all_reduce`: ``torch.distributed.all_reduce``, or
+shared memory between the CPU processes of one machine, where gloo's loopback latency would dominate). Per layer it issues exactly one fused all-reduce in the forward pass
 (per-channel sum, sum of squares and the element count, packed in one tensor) and one in the backward
 pass (per-channel sums of ``dy`` and ``dy * x_hat``). Statistics are weighted by element counts, so
 unequal per-device batches give exactly the statistics of BatchNorm on the concatenated batch, and a
@@ -22,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from megdet.layers import collectives
 
 __all__ = ["CrossDeviceBatchNorm2d", "convert_cross_device_bn"]
 
@@ -100,7 +103,7 @@ class _CrossDeviceBatchNormFunction(torch.autograd.Function):
             packed[:channels] = mean64 * local_count
             packed[channels: 2 * channels] = (var_l.double() + mean64 * mean64) * local_count
         packed[2 * channels] = local_count
-        dist.all_reduce(packed, group=group)
+        collectives.all_reduce(packed, group=group)
 
         count = packed[2 * channels]
         # Only a rank that itself holds <= 1 value per channel can see a group total <= 1 (and then every
@@ -168,7 +171,7 @@ class _CrossDeviceBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Skipped when no rank needs the input gradient (the same on every rank: same model).
             packed = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(packed, group=ctx.group)
+            collectives.all_reduce(packed, group=ctx.group)
             mean_dy = packed[:channels] / count
             mean_dy_xhat = packed[channels:] / count
             scale = invstd if weight is None else invstd * weight.to(acc)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.testing import assert_close
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from megdet.layers import cross_device_bn
+from megdet.layers import collectives, cross_device_bn
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d, convert_cross_device_bn
 
 C, H, W = 3, 5, 4
@@ -47,21 +47,22 @@ def _save(result: Any, run_dir: str, rank: int) -> None:
 
 
 class _CountAllReduce:
-    """Counts torch.distributed.all_reduce calls made inside the block (the layer looks it up per call)."""
+    """Counts the layer's all-reduce calls (megdet.layers.collectives.all_reduce, looked up per call)
+    made inside the block."""
 
     def __enter__(self) -> _CountAllReduce:
         self.calls = 0
-        self._original = dist.all_reduce
+        self._original = collectives.all_reduce
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             return self._original(*args, **kwargs)
 
-        dist.all_reduce = counting
+        collectives.all_reduce = counting
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dist.all_reduce = self._original
+        collectives.all_reduce = self._original
 
 
 def _batch(total: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
