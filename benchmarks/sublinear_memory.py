@@ -75,7 +75,7 @@ from _common import (
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "coco_faster_r50_fpn.yaml"
-MODES = ("off", "stages", "blocks")
+MODES = ("off", "stages", "blocks", "nested")
 TORCHVISION = "torchvision"
 RESULT_PREFIX = "@@result "
 BOXES_PER_IMAGE = 8

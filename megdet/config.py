@@ -83,6 +83,7 @@ class ModelConfig:
     backbone: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     weights: str = ""  # local path to ImageNet weights for the backbone; never downloaded
     norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN, heads (FrozenBN: backbone only)
+    head_norm: str = ""  # the FPN's, RPN head's and RoI heads' norm ("none" too); "" = as model.norm
     bn_group_size: int = 0  # CrossDeviceBN: ranks that share statistics (MegDet's "BN size"); 0 = all
     trainable_layers: int = 5  # ResNet stages trained (0-5); frozen stages have no gradient
     fpn_channels: int = 256
@@ -162,7 +163,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     amp: str = "off"  # off | bf16 | fp16
-    sublinear_memory: str = "off"  # off | stages | blocks: granularity of activation recomputation
+    sublinear_memory: str = "off"  # off | stages | blocks | nested: granularity of activation recomputation
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     grad_accum_steps: int = 1
     checkpoint_period: int = 500  # iterations

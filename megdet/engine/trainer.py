@@ -67,7 +67,7 @@ from megdet.engine.lr_policy import (
 )
 
 AMP_MODES = ("off", "bf16", "fp16")
-SUBLINEAR_MODES = ("off", "stages", "blocks")
+SUBLINEAR_MODES = ("off", "stages", "blocks", "nested")
 
 # Sublinear memory targets, relative to the detector. Backbone stages are the backbone module's own
 # RECOMPUTE_STAGES; the RoI head towers are the conv/fc stacks between pooler and predictor.
@@ -162,7 +162,12 @@ def recompute_names(model: nn.Module, mode: str) -> list[str]:
     "stages": the backbone stages (``backbone.body.stem``, ``layer1``..``layer4``), the FPN and the RoI
     head towers, each as one block -- only stage outputs are kept. "blocks": every residual block of
     the stages and every layer of the head towers on its own -- more stored activations, but a smaller
-    peak while recomputing. Frozen parts are skipped: nothing of theirs is stored for backward anyway.
+    peak while recomputing. "nested": "stages", and inside each residual stage every block recomputed
+    again while its stage is recomputed (Chen et al.'s recursive scheme): the forward keeps only stage
+    outputs like "stages", the backward holds one stage's block inputs plus one block's activations
+    like "blocks", for one more forward of the residual stages. Inner names come before their stage's
+    (the order :func:`~megdet.layers.recompute.apply_recompute` needs to nest them). Frozen parts are
+    skipped: nothing of theirs is stored for backward anyway.
     """
     if mode == "off":
         return []
@@ -181,10 +186,11 @@ def recompute_names(model: nn.Module, mode: str) -> list[str]:
         if not exists(name) or not _trainable(model.get_submodule(name)):
             continue
         module = model.get_submodule(name)
-        if mode == "blocks" and (name in _RESIDUAL_STAGES or name in _HEAD_TOWERS):
-            children = [f"{name}.{c}" for c, m in module.named_children() if _trainable(m)]
-            names.extend(children)
-        else:
+        split = name in _HEAD_TOWERS if mode == "blocks" else False
+        split = split or (mode in ("blocks", "nested") and name in _RESIDUAL_STAGES)
+        if split:
+            names.extend(f"{name}.{c}" for c, m in module.named_children() if _trainable(m))
+        if not split or mode == "nested":
             names.append(name)
     return names
 
@@ -460,6 +466,12 @@ def _run(
     t = cfg.train
     main = rank == 0
     out_dir = Path(t.out_dir)
+    group_size = cfg.model.bn_group_size
+    if group_size > 0 and world % group_size:
+        raise ConfigError(
+            f"model.bn_group_size={group_size}: the world size {world} is not divisible by it;"
+            f" choose a divisor of {world} (0 = all ranks)"
+        )
     manager = CheckpointManager(out_dir, keep=t.keep_checkpoints)
 
     # ---- where to start -------------------------------------------------------------------------
@@ -481,7 +493,7 @@ def _run(
         from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d, convert_cross_device_bn
 
         if not any(isinstance(m, CrossDeviceBatchNorm2d) for m in model.modules()):
-            convert_cross_device_bn(model)
+            convert_cross_device_bn(model, cfg.model.bn_group_size or None)
     if ckpt is not None:
         load_model_state(model, ckpt["model"], strict=True)
     model.to(device)

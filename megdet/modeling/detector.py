@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from megdet.config import Config
+from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 from megdet.modeling.backbone import ResNetFPN, build_backbone, check_norm, default_head_norm
 from megdet.modeling.roi_heads import BoxHead, KeypointHead, MaskHead, RoIHeads
 from megdet.modeling.rpn import RPN
@@ -122,19 +123,22 @@ def postprocess_detections(
 def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
 
-    Returns ``{"num_classes", "max_mask_keypoint_rois", "backbone", "rpn", "box_head", "mask_head",
-    "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads use
-    ``default_head_norm(norm)``.
+    Returns ``{"num_classes", "bn_group_size", "max_mask_keypoint_rois", "backbone", "rpn", "box_head",
+    "mask_head", "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads
+    use ``model.head_norm``, or ``default_head_norm(norm)`` when it is empty.
     """
     m = cfg.model
     check_norm(m.norm)
-    head_norm = default_head_norm(m.norm)
+    head_norm = check_norm(m.head_norm, "model.head_norm") if m.head_norm else default_head_norm(m.norm)
     r, roi = m.rpn, m.roi
     if m.num_classes < 1:
         raise ValueError(f"model.num_classes: expected at least 1, got {m.num_classes}")
+    if m.bn_group_size < 0:
+        raise ValueError(f"model.bn_group_size: expected 0 (all ranks) or a positive rank count, got {m.bn_group_size}")
     pooler = {"pooler_type": roi.pooler, "sampling_ratio": roi.sampling_ratio, "norm": head_norm}
     return {
         "num_classes": m.num_classes,
+        "bn_group_size": m.bn_group_size or None,
         "max_mask_keypoint_rois": roi.max_mask_keypoint_rois,
         "backbone": {
             "name": m.backbone,
@@ -208,7 +212,14 @@ def build_model_from_kwargs(kwargs: Mapping[str, Any], channels_last: bool = Fal
     mask_head = MaskHead(in_channels=c, scales=scales, **mask_kw) if mask_kw else None
     kp_head = KeypointHead(in_channels=c, scales=scales, **kp_kw) if kp_kw else None
     heads = RoIHeads(box_head, mask_head, kp_head, kwargs.get("max_mask_keypoint_rois", 0))
-    return GeneralizedRCNN(backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last)
+    model = GeneralizedRCNN(backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last)
+    group_size = kwargs.get("bn_group_size")
+    if group_size:
+        # MegDet's "BN size": every cross-device BN layer shares statistics within groups of this many ranks.
+        for m in model.modules():
+            if isinstance(m, CrossDeviceBatchNorm2d):
+                m.group_size = group_size
+    return model
 
 
 def build_model(cfg: Config) -> GeneralizedRCNN:

@@ -266,8 +266,9 @@ def test_detector_accumulation_2x1_equals_1x2_with_group_norm(tiny_cfg) -> None:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-3, atol=1e-6, msg=n)
 
 
-def test_recompute_names_and_equal_gradients(tiny_cfg) -> None:
-    from megdet.layers.recompute import apply_recompute
+@pytest.mark.parametrize("mode", ["blocks", "nested"])
+def test_recompute_names_and_equal_gradients(tiny_cfg, mode) -> None:
+    from megdet.layers.recompute import Recompute, apply_recompute
     from megdet.modeling.detector import build_model
 
     cfg = tiny_cfg("model.trainable_layers=3")
@@ -285,10 +286,21 @@ def test_recompute_names_and_equal_gradients(tiny_cfg) -> None:
     assert "backbone.body.layer2.0" in blocks and "backbone.body.layer4.1" in blocks
     assert "backbone.fpn" in blocks and "roi_heads.box_head.head.fc6" in blocks
     assert not any(n.startswith(("backbone.body.stem", "backbone.body.layer1")) for n in blocks)
+    assert "backbone.body.layer2" not in blocks
+    nested = recompute_names(model, "nested")
+    # Every stage of "stages", with the residual stages' blocks listed before their stage.
+    assert [n for n in nested if n in stages] == stages
+    for stage in ("backbone.body.layer2", "backbone.body.layer4"):
+        inner = [i for i, n in enumerate(nested) if n.startswith(stage + ".")]
+        assert len(inner) == len(model.get_submodule(stage)) and max(inner) < nested.index(stage)
+    assert "roi_heads.box_head.head.fc6" not in nested
     assert recompute_names(model, "off") == []
 
     batch = next(iter(build_train_loader(cfg, 0, 1)))
-    wrapped = apply_recompute(copy.deepcopy(model), blocks)
+    wrapped = apply_recompute(copy.deepcopy(model), blocks if mode == "blocks" else nested)
+    if mode == "nested":
+        stage = wrapped.backbone.body.layer3
+        assert isinstance(stage, Recompute) and all(isinstance(b, Recompute) for b in stage.inner)
     cpu = torch.device("cpu")
     torch.manual_seed(1)
     la = accumulate_gradients(model, [batch], device=cpu)
@@ -300,7 +312,7 @@ def test_recompute_names_and_equal_gradients(tiny_cfg) -> None:
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7, msg=n)
-    # BatchNorm running statistics were updated once, not twice.
+    # BatchNorm running statistics were updated once, not twice (or three times when nested).
     _assert_same_state(model.state_dict(), wrapped.state_dict())
 
 
@@ -363,6 +375,8 @@ def test_config_errors(tiny_cfg, tmp_path) -> None:
         train(tiny_cfg("train.amp=fp16", "train.device=cpu"))
     with pytest.raises(ConfigError, match="train.sublinear_memory"):
         train(tiny_cfg("train.sublinear_memory=all"))
+    with pytest.raises(ConfigError, match="model.bn_group_size=2: the world size 1 is not divisible"):
+        train(tiny_cfg("model.norm=CrossDeviceBN", "model.bn_group_size=2"))
     out = tmp_path / "run"
     out.mkdir()
     torch.save({"model": {}}, out / "model_0000010.pt")

@@ -310,10 +310,32 @@ def test_model_kwargs_follow_the_config() -> None:
     assert kw["rpn"]["norm"] == "GN" and kw["box_head"]["norm"] == "GN"
     with pytest.raises(ValueError, match="model.norm: unknown norm 'SyncBN'"):
         model_kwargs_from_config(_cfg("model.norm=SyncBN"))
+    # model.head_norm: the FPN / RPN / RoI heads apart from the backbone's norm.
+    kw = model_kwargs_from_config(_cfg("model.norm=CrossDeviceBN", "model.head_norm=GN", "model.mask_on=true"))
+    assert kw["backbone"]["norm"] == "CrossDeviceBN" and kw["backbone"]["fpn_norm"] == "GN"
+    assert kw["rpn"]["norm"] == "GN" and kw["mask_head"]["norm"] == "GN" and kw["box_head"]["norm"] == "GN"
+    with pytest.raises(ValueError, match="model.head_norm: unknown norm 'LN'"):
+        model_kwargs_from_config(_cfg("model.head_norm=LN"))
+    with pytest.raises(ValueError, match="model.bn_group_size: expected 0"):
+        model_kwargs_from_config(_cfg("model.bn_group_size=-2"))
     with pytest.raises(ValueError, match="model.roi.pooler: unknown value 'roipool'"):
         build_model(_cfg("model.roi.pooler=roipool"))
     with pytest.raises(ValueError, match="model.roi.box_head: unknown value '3fc'"):
         build_model(_cfg("model.roi.box_head=3fc"))
+
+
+def test_head_norm_and_bn_group_size_reach_the_layers() -> None:
+    from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
+
+    model = build_model(_cfg("model.norm=CrossDeviceBN", "model.head_norm=GN", "model.bn_group_size=2",
+                             "model.mask_on=true"))
+    xbn = [m for m in model.modules() if isinstance(m, CrossDeviceBatchNorm2d)]
+    assert xbn and all(m.group_size == 2 for m in xbn)
+    assert not any(isinstance(m, CrossDeviceBatchNorm2d) for m in model.backbone.fpn.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.roi_heads.mask_head.modules())
+    everywhere = build_model(_cfg("model.norm=CrossDeviceBN", "model.mask_on=true"))
+    heads = [m for m in everywhere.roi_heads.modules() if isinstance(m, CrossDeviceBatchNorm2d)]
+    assert heads and all(m.group_size is None for m in heads)
 
 
 def test_4conv1fc_box_head_runs() -> None:
