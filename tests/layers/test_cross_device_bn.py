@@ -348,3 +348,99 @@ def test_convert_root_batchnorm_keeps_dtype_and_flags() -> None:
     assert no_stats.running_mean is None and not no_stats.track_running_stats
     x = torch.randn(3, 5, 2, 2)
     assert torch.equal(no_stats(x), nn.BatchNorm2d(5, track_running_stats=False)(x))
+
+
+# ----------------------------------------------------------------------------- a whole detector step
+
+
+def _detector_cfg(norm: str):  # noqa: ANN202 (Config; imported lazily in the spawned ranks too)
+    from megdet.config import load_config
+
+    return load_config(None, [
+        f"model.norm={norm}", "model.backbone=resnet18", "model.fpn_channels=32", "model.num_classes=3",
+        "model.rpn.anchor_sizes=[16,32,64,128,256]", "model.rpn.pre_nms_top_n_train=100",
+        "model.rpn.post_nms_top_n_train=50", "model.rpn.batch_size_per_image=64",
+        "model.roi.batch_size_per_image=16", "model.roi.box_head_dim=32",
+    ])  # fmt: skip
+
+
+def _detector_batch() -> tuple[torch.Tensor, list[tuple[int, int]], list[dict[str, torch.Tensor]]]:
+    """Two different 64x64 images with different objects."""
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 64, 64, generator=gen)
+    targets = [
+        {"boxes": torch.tensor([[6.0, 4.0, 28.0, 30.0], [30.0, 30.0, 60.0, 58.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([3])},
+    ]
+    return images, [(64, 64), (64, 64)], targets
+
+
+def _first_k_randperm(n: int, **kwargs: Any) -> torch.Tensor:
+    # The RPN and RoI samplers pick random subsets; with the identity "permutation" they pick the same
+    # anchors / RoIs for an image whether it is sampled alone or next to another image. Every image then
+    # has exactly batch_size_per_image samples, so the per-rank loss means average to the global one.
+    return torch.arange(n, device=kwargs.get("device"))
+
+
+def _detector_step(model: nn.Module, images, sizes, targets) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    original = torch.randperm
+    torch.randperm = _first_k_randperm
+    try:
+        losses = model(images, sizes, targets)
+        sum(losses.values()).backward()
+    finally:
+        torch.randperm = original
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def _detector_entry(rank: int, world_size: int, run_dir: str, init_path: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megdet.modeling.detector import build_model
+
+    _init_group(rank, world_size, run_dir)
+    try:
+        model = build_model(_detector_cfg("CrossDeviceBN")).train()
+        model.load_state_dict(torch.load(init_path, weights_only=True))
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        images, sizes, targets = _detector_batch()
+        losses = _detector_step(ddp, images[rank: rank + 1], sizes[rank: rank + 1], targets[rank: rank + 1])
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}  # DDP-averaged
+        _save({"grads": grads, "losses": losses, "state": model.state_dict()}, run_dir, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_detector_step_on_two_ranks_equals_one_process_with_batchnorm(spawn_ranks, tmp_path) -> None:
+    """A training step of the detector on 2 ranks x 1 image with cross-device BN gives the gradients of
+    1 process x 2 images with plain BN (and different ones with per-device BN)."""
+    from megdet.modeling.detector import build_model
+
+    torch.manual_seed(0)
+    reference = build_model(_detector_cfg("BN")).train()
+    init = copy.deepcopy(reference.state_dict())
+    images, sizes, targets = _detector_batch()
+    losses = _detector_step(reference, images, sizes, targets)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    # Per-device BN instead (each image normalised alone): the gradients the test must tell apart.
+    alone = build_model(_detector_cfg("BN")).train()
+    for i in range(2):
+        alone.load_state_dict(init)
+        _detector_step(alone, images[i: i + 1], sizes[i: i + 1], targets[i: i + 1])
+    per_device = {n: p.grad / 2 for n, p in alone.named_parameters() if p.grad is not None}
+
+    torch.save(init, tmp_path / "init.pt")
+    ranks = spawn_ranks(_detector_entry, 2, str(tmp_path / "init.pt"))
+    assert ranks[0]["grads"].keys() == ref_grads.keys() and len(ref_grads) > 50
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(ranks[1]["grads"][name], ranks[0]["grads"][name])
+    mean_loss = {k: (ranks[0]["losses"][k] + ranks[1]["losses"][k]) / 2 for k in losses}
+    for k, v in losses.items():
+        torch.testing.assert_close(mean_loss[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # Running statistics: those of BN over both images, on both ranks.
+    for key, value in reference.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    differs = [n for n in ref_grads if not torch.allclose(per_device[n], ref_grads[n], rtol=1e-3, atol=1e-5)]
+    assert len(differs) > len(ref_grads) // 2

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.testing import assert_close
 
+from megdet.layers import collectives
 from megdet.layers.cross_device_bn import convert_cross_device_bn
 from megdet.layers.recompute import Recompute, apply_recompute, checkpoint_module, frozen_running_stats
 
@@ -149,7 +150,7 @@ def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
         start = sum(sizes[:rank])
         sl = slice(start, start + sizes[rank])
         calls = {"plain": 0, "wrapped": 0}
-        original = dist.all_reduce
+        original = collectives.all_reduce  # the layer's transport, looked up per call
         gen = torch.Generator().manual_seed(5)
         for _step_index in range(2):
             x = torch.randn(sum(sizes), 3, 5, 5, generator=gen, dtype=torch.float64)
@@ -160,11 +161,11 @@ def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
                     calls[_name] += 1
                     return original(*args, **kwargs)
 
-                dist.all_reduce = counting
+                collectives.all_reduce = counting
                 try:
                     results[name] = _step(net, x[sl], g[sl], seed=0)
                 finally:
-                    dist.all_reduce = original
+                    collectives.all_reduce = original
             assert_close(results["wrapped"][0], results["plain"][0], rtol=1e-12, atol=1e-12)
             assert_close(results["wrapped"][1], results["plain"][1], rtol=1e-12, atol=1e-12)
         for (name, p), q in zip(plain.named_parameters(), wrapped.parameters()):
