@@ -1,4 +1,4 @@
-"""Sublinear memory: peak memory and step time with activation recomputation off / stages / blocks.
+"""Sublinear memory: peak memory and step time with activation recomputation off / stages / blocks / nested.
 
 Model: our ResNet-50 FPN Faster R-CNN from ``configs/coco_faster_r50_fpn.yaml`` with ``model.norm=BN``
 (trainable BatchNorm everywhere, so BN layers sit inside the recomputed blocks and their running
@@ -27,7 +27,7 @@ Reported:
 * ``state`` = RSS before the step - base (weights, momentum, allocator/library bookkeeping).
 
 Step time: the workers of one image size are alive together and run their steps in lockstep
-(off, stages, blocks, torchvision, off, ...; only one computes at a time), so load drifting on a
+(off, stages, blocks, nested, torchvision, off, ...; only one computes at a time), so load drifting on a
 shared machine hits every configuration alike; the median over the measured steps is reported, as
 wall-clock time and as the process's CPU time (``time.process_time``). With one intra-op thread the
 CPU time is the compute the step needs and hardly depends on how often the scheduler preempts the
@@ -346,7 +346,7 @@ class Worker:
 def measure_size(
     config: str, height: int, width: int, images: int, threads: int, warmup: int, steps: int, torchvision: bool
 ) -> list[dict[str, Any]]:
-    """The off / stages / blocks (and torchvision) workers of one image size, stepped in lockstep."""
+    """The megdet workers of every mode (and torchvision) of one image size, stepped in lockstep."""
     specs = [WorkerSpec("megdet", m, config, height, width, images, threads) for m in MODES]
     if torchvision:
         specs.append(WorkerSpec(TORCHVISION, "off", config, height, width, images, threads))
@@ -483,7 +483,7 @@ def main() -> None:
     for h, w, *_ in sizes:
         same = [r for r in rows if r["kind"] == "megdet" and r["height"] == h and r["width"] == w]
         equal = all(r["losses"] == same[0]["losses"] for r in same)
-        print(f"{h}x{w}: losses of off / stages / blocks identical at every step: {'yes' if equal else 'NO'}"
+        print(f"{h}x{w}: losses of {' / '.join(MODES)} identical at every step: {'yes' if equal else 'NO'}"
               " (recomputation must not change the computation)")
     print("\nGoal (issue): total <= 50% (aim 40%) of off at <= 1.35x the time (CPU time; wall in brackets)")
     for g in goals:
