@@ -31,6 +31,8 @@ by wrapping its broadcast method. The second iteration is reported (DDP rebuilds
 first), and the BN all-reduces are checked against the number of CrossDeviceBatchNorm2d calls. The
 wall time spent inside the BN all-reduce calls of that iteration (rank 0; waiting for the other rank
 included) separates their communication from the layer's own compute in the step-time difference.
+Then one layer alone: forward + backward of CrossDeviceBatchNorm2d (its two all-reduces included)
+against ``nn.BatchNorm2d`` for the shapes of LAYER_SHAPES, both ranks stepping together.
 ``torch.nn.SyncBatchNorm`` -- PyTorch's equivalent -- is tried on the same process group: it does not
 run on CPU tensors, which is why this layer exists; the error is reported.
 
@@ -196,6 +198,40 @@ def try_sync_batchnorm() -> str:
     return "ran on CPU"
 
 
+# Layer shapes (per rank) for the layer-alone timing: ResNet stages of a 2 x 160^2 batch and a RoI head.
+LAYER_SHAPES = ((2, 64, 80, 80), (2, 128, 40, 40), (2, 256, 20, 20), (2, 512, 10, 10), (32, 64, 14, 14))
+
+
+def layer_timing(reps: int = 20) -> list[dict[str, Any]]:
+    """Forward + backward of one CrossDeviceBatchNorm2d (its collectives on this group included)
+    against nn.BatchNorm2d in training mode, per shape of LAYER_SHAPES: median wall ms over ``reps``
+    calls after 3 warm-ups, both ranks stepping together (every rank calls this)."""
+    import torch
+    import torch.distributed as dist
+
+    from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
+
+    out = []
+    for shape in LAYER_SHAPES:
+        x = torch.randn(shape)
+        g = torch.randn(shape)
+        row: dict[str, Any] = {"shape": list(shape)}
+        for name, layer in (("native_ms", torch.nn.BatchNorm2d(shape[1])),
+                            ("cross_device_ms", CrossDeviceBatchNorm2d(shape[1]))):
+            samples = []
+            for i in range(3 + reps):
+                dist.barrier()
+                xi = x.clone().requires_grad_(True)
+                t0 = time.perf_counter()
+                layer(xi).backward(g)
+                if i >= 3:
+                    samples.append((time.perf_counter() - t0) * 1e3)
+            row[name] = statistics.median(samples)
+        row["ratio"] = row["cross_device_ms"] / row["native_ms"]
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Worker
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +298,7 @@ def worker(args: argparse.Namespace) -> None:
                       + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in VARIANTS), flush=True)
 
         counts = {norm: count_collectives(models[norm], norm, batch, cfgs[norm]) for norm in VARIANTS}
+        layers = layer_timing()
         sync_bn = try_sync_batchnorm()
         all_times = all_gather_object(times)
         all_cpu = all_gather_object(cpu)
@@ -274,6 +311,7 @@ def worker(args: argparse.Namespace) -> None:
                 "times_per_rank": all_times,
                 "cpu_times_per_rank": all_cpu,
                 "counts": counts,
+                "layer_alone": layers,
                 "torch_sync_batchnorm": sync_bn,
             }
             Path(args.out).write_text(json.dumps(result))
@@ -371,6 +409,10 @@ def main() -> None:
     print(f"CrossDeviceBN: {cd['cross_device_bn_layers']} layers ({cd['cross_device_bn_channels']} channels), "
           f"{sum(calls.values())} training calls per step {calls}; forward all-reduces == calls in the forward: "
           f"{'yes' if cd['bn_all_reduce'].get('forward', 0) == calls.get('forward', 0) else 'NO'}")
+    print_table("One layer, forward + backward (rank 0, median of 20 calls; its all-reduces included)",
+                ["shape per rank", "BatchNorm2d ms", "CrossDeviceBN ms", "x BN"],
+                [["x".join(map(str, r["shape"])), r["native_ms"], r["cross_device_ms"], r["ratio"]]
+                 for r in raw["layer_alone"]])
     print(f"torch.nn.SyncBatchNorm (PyTorch's equivalent) on this gloo/CPU group: {raw['torch_sync_batchnorm']}")
 
     path = write_results("cross_device_bn_gloo" if args.no_shm else "cross_device_bn", {
@@ -391,6 +433,7 @@ def main() -> None:
         "cpu_timing": cpu_timing,
         "goal_ratio_le_1.15": goal,
         "collectives_per_step": raw["counts"],
+        "layer_alone": raw["layer_alone"],
         "torch_sync_batchnorm": raw["torch_sync_batchnorm"],
         "wall_s": time.perf_counter() - started,
     })
