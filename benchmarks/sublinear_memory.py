@@ -33,7 +33,7 @@ wall-clock time and as the process's CPU time (``time.process_time``). With one 
 CPU time is the compute the step needs and hardly depends on how often the scheduler preempts the
 worker, so on a loaded machine the CPU-time ratio is the reliable one (the goal below uses it).
 
-Memory budget: for each of ``--budget-modes`` (off and blocks; stages needs about what blocks needs),
+Memory budget: for each of ``--budget-modes`` (off and nested, the mode with the smallest peak),
 the largest number of images per device (1, 2, 4, 8, ... at the first size) whose ``total`` stays within ``--budget-gb``; each candidate runs one step in a fresh worker
 (optimizer state materialised first), and a watchdog thread polling RSS every 5 ms stops a worker
 early once it is over budget (saving time and memory; the fit decision itself is the exact VmHWM).
@@ -430,7 +430,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="images per step (per device)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--budget-gb", type=float, default=None, help="memory budget (default 4, quick 1.5)")
-    parser.add_argument("--budget-modes", default=None, help="comma list of modes (default off,blocks)")
+    parser.add_argument("--budget-modes", default=None, help="comma list of modes (default off,nested)")
     parser.add_argument("--max-images", type=int, default=None, help="budget search cap (default 16, quick 8)")
     parser.add_argument("--no-budget", action="store_true", help="skip the memory-budget search")
     parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision's reference model")
@@ -443,7 +443,7 @@ def main() -> None:
     # (height, width, warm-up steps, measured steps, torchvision reference)
     sizes = [(512, 512, 0, 1, True)] if args.quick else [(512, 512, 1, 2, True), (800, 1333, 0, 1, False)]
     budget_gb = args.budget_gb if args.budget_gb is not None else (1.5 if args.quick else 4.0)
-    budget_modes = (args.budget_modes or "off,blocks").split(",")
+    budget_modes = (args.budget_modes or "off,nested").split(",")
     for m in budget_modes:
         if m not in MODES:
             parser.error(f"--budget-modes: unknown mode '{m}'; choose from {', '.join(MODES)}")

@@ -186,8 +186,8 @@ def recompute_names(model: nn.Module, mode: str) -> list[str]:
         if not exists(name) or not _trainable(model.get_submodule(name)):
             continue
         module = model.get_submodule(name)
-        split = name in _HEAD_TOWERS if mode == "blocks" else False
-        split = split or (mode in ("blocks", "nested") and name in _RESIDUAL_STAGES)
+        residual = name in _RESIDUAL_STAGES
+        split = (mode == "blocks" and (residual or name in _HEAD_TOWERS)) or (mode == "nested" and residual)
         if split:
             names.extend(f"{name}.{c}" for c, m in module.named_children() if _trainable(m))
         if not split or mode == "nested":
@@ -467,7 +467,8 @@ def _run(
     main = rank == 0
     out_dir = Path(t.out_dir)
     group_size = cfg.model.bn_group_size
-    if group_size > 0 and world % group_size:
+    cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
+    if cross_device and group_size > 0 and world % group_size:
         raise ConfigError(
             f"model.bn_group_size={group_size}: the world size {world} is not divisible by it;"
             f" choose a divisor of {world} (0 = all ranks)"
