@@ -29,6 +29,7 @@ import mmap
 import os
 import platform
 import socket
+import threading
 import time
 import uuid
 
@@ -42,6 +43,7 @@ _FLAG_STRIDE = 8  # int64s between two ranks' sequence numbers: one 64-byte cach
 _SPIN_CHECKS = 2000  # busy checks (~1-2 us each) before yielding the core to other processes
 _TIMEOUT_S = 1800.0  # torch.distributed's default collective timeout
 _DTYPES = (torch.float32, torch.float64)
+_STORE_FENCE = threading.Lock()
 
 
 def shared_memory_enabled() -> bool:
@@ -89,7 +91,11 @@ class _SharedMemoryGroup:
         flat = tensor.view(-1)
         nbytes = flat.numel() * flat.element_size()
         buf[self.index, :nbytes].view(tensor.dtype).copy_(flat)
-        self.flags[self.index * _FLAG_STRIDE] = seq  # published after the copy (x86 keeps store order)
+        # x86 keeps ordinary stores in order, so the sequence number cannot become visible before the data;
+        # the lock's atomic instruction also orders any non-temporal stores a copy routine might use.
+        with _STORE_FENCE:
+            pass
+        self.flags[self.index * _FLAG_STRIDE] = seq
         self._wait(seq)
         views = [buf[r, :nbytes].view(tensor.dtype) for r in range(self.size)]
         total = views[0].clone()
