@@ -2,10 +2,10 @@
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors as soon as a process group exists, so it cannot be used
 with gloo; this layer is written on plain all-reduce calls and therefore runs on gloo (CPU) and NCCL
-(CUDA) alike (:func:`megdet.layers.collectives.all_reduce`: ``torch.distributed.all_reduce``, or
-shared memory between the CPU processes of one machine, where gloo's loopback latency would dominate). Per layer it issues exactly one fused all-reduce in the forward pass
-(per-channel sum, sum of squares and the element count, packed in one tensor) and one in the backward
-pass (per-channel sums of ``dy`` and ``dy * x_hat``). Statistics are weighted by element counts, so
+(CUDA) alike (:func:`megdet.layers.collectives.all_reduce`: ``torch.distributed.all_reduce``, or shared
+memory between the CPU processes of one machine, where gloo's loopback latency would dominate). Per
+layer it issues exactly one fused all-reduce in the forward pass (per-channel sum, sum of squares and
+the element count, packed in one tensor) and one in the backward pass (per-channel sums of ``dy`` and ``dy * x_hat``). Statistics are weighted by element counts, so
 unequal per-device batches give exactly the statistics of BatchNorm on the concatenated batch, and a
 device with an empty batch still takes part in both collectives.
 
