@@ -5,9 +5,10 @@ with gloo; this layer is written on plain all-reduce calls and therefore runs on
 (CUDA) alike (:func:`megdet.layers.collectives.all_reduce`: ``torch.distributed.all_reduce``, or shared
 memory between the CPU processes of one machine, where gloo's loopback latency would dominate). Per
 layer it issues exactly one fused all-reduce in the forward pass (per-channel sum, sum of squares and
-the element count, packed in one tensor) and one in the backward pass (per-channel sums of ``dy`` and ``dy * x_hat``). Statistics are weighted by element counts, so
-unequal per-device batches give exactly the statistics of BatchNorm on the concatenated batch, and a
-device with an empty batch still takes part in both collectives.
+the element count, packed in one tensor) and one in the backward pass (per-channel sums of ``dy`` and
+``dy * x_hat``). Statistics are weighted by element counts, so unequal per-device batches give exactly
+the statistics of BatchNorm on the concatenated batch, and a device with an empty batch still takes
+part in both collectives.
 
 DDP and other collectives: the backward all-reduce runs inside the autograd Function's backward, i.e.
 whenever the autograd engine reaches the layer. Every rank of a group must therefore run the same
