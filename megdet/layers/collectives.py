@@ -12,7 +12,7 @@ same order from the same bytes, so all ranks get bit-identical results (as with 
 
 Used only where it is correct and sure to help: CPU tensors, contiguous, at most
 :data:`SLOT_BYTES` bytes, float32 / float64, on x86-64 (whose store order makes the
-publish-after-copy protocol safe without explicit fences), with all ranks of the group on one host.
+publish-after-copy protocol safe with one cheap fence), with all ranks of the group on one host.
 Everything else goes to ``torch.distributed.all_reduce`` -- the decision depends only on facts that
 are the same on every rank (tensor size and dtype, the gathered host names), so ranks never disagree
 on the path. ``MEGDET_SHM_COLLECTIVES=0`` turns the shared-memory path off.
@@ -56,8 +56,8 @@ def shared_memory_enabled() -> bool:
 class _SharedMemoryGroup:
     """The shared segment of one process group whose ranks all run on this machine."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        ranks = dist.get_process_group_ranks(group)
         self.size = len(ranks)
         self.index = dist.get_rank(group)
         self.seq = 0
@@ -97,11 +97,9 @@ class _SharedMemoryGroup:
             pass
         self.flags[self.index * _FLAG_STRIDE] = seq
         self._wait(seq)
-        views = [buf[r, :nbytes].view(tensor.dtype) for r in range(self.size)]
-        total = views[0].clone()
-        for v in views[1:]:
-            total += v
-        flat.copy_(total)
+        flat.copy_(buf[0, :nbytes].view(tensor.dtype))
+        for r in range(1, self.size):  # rank order on every rank: identical bits everywhere
+            flat.add_(buf[r, :nbytes].view(tensor.dtype))
         return tensor
 
     def _wait(self, seq: int) -> None:
@@ -136,7 +134,7 @@ def _shared_group(group: dist.ProcessGroup | None) -> _SharedMemoryGroup | None:
     hosts: list[object] = [None] * dist.get_world_size(group)
     dist.all_gather_object(hosts, (socket.gethostname(), shared_memory_enabled()), group=group)
     usable = all(h == hosts[0] for h in hosts) and bool(hosts[0][1])  # type: ignore[index]
-    entry = _SharedMemoryGroup(group) if usable else None
+    entry = _SharedMemoryGroup(key) if usable else None
     _GROUPS[key] = entry
     return entry
 
