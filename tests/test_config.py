@@ -47,6 +47,20 @@ def test_overrides_convert_types(tmp_path: Path) -> None:
     assert cfg.model.rpn.aspect_ratios == [1.0]
 
 
+def test_off_on_yes_no_stay_strings(tmp_path: Path) -> None:
+    # YAML 1.1 would read these as booleans: train.amp=off was a type error before.
+    cfg = load_config(None, ["train.amp=off", "train.sublinear_memory=off", "solver.warmup=false"])
+    assert cfg.train.amp == "off" and cfg.train.sublinear_memory == "off" and cfg.solver.warmup is False
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\nmodel:\n  mask_on: True\n")
+    cfg = load_config(path)
+    assert cfg.train.amp == "off" and cfg.model.mask_on is True
+    assert load_config(None, ["model.backbone=yes"]).model.backbone == "yes"
+    with pytest.raises(ConfigError, match="'solver.warmup': expected true or false, got 'on'"):
+        load_config(None, ["solver.warmup=on"])
+    assert load_config(None, ["train.amp=off"]) == load_config(None, ["train.amp='off'"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
