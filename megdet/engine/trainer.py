@@ -56,7 +56,6 @@ from megdet.engine.distributed import (
     barrier,
     cleanup_distributed,
     init_distributed,
-    resolve_device,
 )
 from megdet.engine.lr_policy import (
     LRScheduler,
@@ -89,15 +88,11 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
-def check_train_config(cfg: Config, device_type: str) -> None:
-    """One-line ConfigErrors for train.* values that cannot work on ``device_type`` ("cpu" | "cuda")."""
+def check_train_config(cfg: Config) -> None:
+    """One-line ConfigErrors for train.* values that cannot work."""
     t = cfg.train
     if t.amp not in AMP_MODES:
         raise ConfigError(f"train.amp: unknown mode '{t.amp}'; choose one of {', '.join(AMP_MODES)}")
-    if t.amp == "fp16" and device_type != "cuda":
-        raise ConfigError(
-            "train.amp=fp16 needs a CUDA device (loss scaling); use train.amp=bf16 or off on CPU"
-        )
     if t.sublinear_memory not in SUBLINEAR_MODES:
         raise ConfigError(
             f"train.sublinear_memory: unknown mode '{t.sublinear_memory}';"
@@ -448,7 +443,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         NonFiniteLossError: a loss became NaN/inf; nothing was saved for that iteration.
     """
     created_group = not torch.distributed.is_initialized()
-    check_train_config(cfg, resolve_device(cfg.train.device))
+    check_train_config(cfg)
     rank, world, local_rank, device = init_distributed(device=cfg.train.device)
     try:
         return _run(cfg, resume, rank, world, local_rank, device)
@@ -520,7 +515,10 @@ def _run(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.solver, info.lr)
     scheduler = LRScheduler(optimizer, info, start_iter=start_iter)
-    scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+    # fp16 needs loss scaling on any device. On CPU it runs too (torch's CPU autocast and GradScaler),
+    # which is how the scaler's path is tested without a GPU, but most CPUs have no fp16 kernels: a
+    # tiny detector step took 0.9 s in fp16 against 0.065 s in fp32 and 0.06 s in bf16 here.
+    scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -553,6 +551,8 @@ def _run(
     )
     for line in info.summary_lines():
         log.info(f"  {line}")
+    if t.amp == "fp16" and device.type == "cpu":
+        log.info("  note: fp16 on CPU runs on slow fallback kernels on most CPUs; train.amp=bf16 is the fast choice")
     if ckpt is not None:
         log.info(f"  resumed from {ckpt_path} at iteration {start_iter}")
     elif resume:
