@@ -141,6 +141,15 @@ def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
                 momentum = None if sizes == [1, 4] else 0.1  # cumulative average too
                 _compare_with_reference(rank, world_size, sizes, None, dtype, momentum)
                 checked += 1
+        # The local statistics that non-CPU devices use (torch.var_mean), through the whole layer.
+        cpu_moments = cross_device_bn._local_moments
+        cross_device_bn._local_moments = cross_device_bn._var_mean
+        try:
+            for sizes, dtype in (([1, 4], torch.float32), ([0, 3], torch.float64)):
+                _compare_with_reference(rank, world_size, sizes, None, dtype, 0.1)
+                checked += 1
+        finally:
+            cross_device_bn._local_moments = cpu_moments
 
         # One fused all-reduce in the forward, one in the backward; none in eval mode.
         layer = CrossDeviceBatchNorm2d(C).double()
@@ -236,7 +245,7 @@ def _two_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
 def test_two_ranks_match_batchnorm_on_concatenated_batch(spawn_ranks) -> None:
     results = spawn_ranks(_two_rank_entry, 2)
     for r in results:
-        assert r["checked"] == 8
+        assert r["checked"] == 10
         assert r["forward_calls"] == 1 and r["backward_calls"] == 1
         assert r["no_input_grad_calls"] == 1  # forward only
         assert r["eval_calls"] == 0
