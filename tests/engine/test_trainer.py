@@ -23,6 +23,7 @@ from megdet.engine.checkpoint import CheckpointManager, load_checkpoint
 from megdet.engine.trainer import (
     NonFiniteLossError,
     accumulate_gradients,
+    apply_update,
     recompute_names,
     resolved_schedule_text,
     train,
@@ -238,6 +239,35 @@ def test_accumulation_equals_the_large_batch_gradient() -> None:
     assert ga.keys() == gb.keys() and len(ga) == 6
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_loss_scaling_clips_unscaled_gradients_and_skips_overflow() -> None:
+    # The trainer's GradScaler path (device-independent code; a CPU scaler here, CUDA's in fp16 runs).
+    torch.manual_seed(0)
+    images, ys = torch.randn(2, 3, 8, 8), torch.randn(2, 2)
+    plain, scaled = _Toy(), _Toy()
+    scaled.load_state_dict(plain.state_dict())
+    cpu = torch.device("cpu")
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt_scaled = torch.optim.SGD(scaled.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    accumulate_gradients(plain, [_toy_batch(images, ys)], device=cpu)
+    accumulate_gradients(scaled, [_toy_batch(images, ys)], device=cpu, scaler=scaler)
+    assert scaled.fc.bias.grad.abs().sum() > 100 * plain.fc.bias.grad.abs().sum()  # really scaled
+    norm_plain = apply_update(opt_plain, list(plain.parameters()), grad_clip=0.01)
+    norm_scaled = apply_update(opt_scaled, list(scaled.parameters()), scaler=scaler, grad_clip=0.01)
+    assert norm_scaled == pytest.approx(norm_plain, rel=1e-5) and norm_plain > 0.01  # clipped, unscaled
+    for (n, a), b in zip(plain.named_parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)
+
+    # An overflowing gradient: the step is skipped (weights unchanged) and the scale halves.
+    before = copy.deepcopy(scaled.state_dict())
+    scaled.zero_grad()
+    accumulate_gradients(scaled, [_toy_batch(images, ys)], device=cpu, scaler=scaler)
+    scaled.fc.bias.grad[0] = float("inf")
+    apply_update(opt_scaled, list(scaled.parameters()), scaler=scaler)
+    assert scaler.get_scale() == 2.0**9
+    _assert_same_state(scaled.state_dict(), before)
 
 
 def test_detector_accumulation_2x1_equals_1x2_with_group_norm(tiny_cfg) -> None:
