@@ -34,11 +34,16 @@ TOL = {
 # ----------------------------------------------------------------------------- helpers (all ranks)
 
 
-def _init_group(rank: int, world_size: int, run_dir: str) -> None:
+def _init_group(rank: int, world_size: int, run_dir: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)  # the test machine's cores are shared by all ranks
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        kwargs["device_id"] = torch.device("cuda", rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{run_dir}/store", rank=rank, world_size=world_size,
+        backend, init_method=f"file://{run_dir}/store", rank=rank, world_size=world_size,
         timeout=timedelta(seconds=60),  # a mismatched collective fails the test instead of hanging it
+        **kwargs,
     )
 
 
@@ -85,7 +90,7 @@ def _bn_pair(dtype: torch.dtype, momentum: float | None, group_size: int | None)
 
 def _compare_with_reference(
     rank: int, world_size: int, sizes: list[int], group_size: int | None, dtype: torch.dtype,
-    momentum: float | None, steps: int = 2,
+    momentum: float | None, steps: int = 2, device: str = "cpu",
 ) -> None:
     """`sizes[r]` images on rank r; every group is checked against BN on its own concatenated batch."""
     k = world_size if group_size is None else group_size
@@ -96,10 +101,11 @@ def _compare_with_reference(
     local = slice(start - group_offset, stop - group_offset)
     tol = TOL[dtype]
     ref, ours = _bn_pair(dtype, momentum, group_size)
+    ref, ours = ref.to(device), ours.to(device)
     assert isinstance(ours, CrossDeviceBatchNorm2d)
-    what = f"sizes={sizes} group_size={group_size} dtype={dtype} momentum={momentum}"
+    what = f"sizes={sizes} group_size={group_size} dtype={dtype} momentum={momentum} device={device}"
     for step in range(steps):
-        x_all, g_all = _batch(sum(sizes), dtype, seed=step)
+        x_all, g_all = (t.to(device) for t in _batch(sum(sizes), dtype, seed=step))
         x_group = x_all[group_offset: group_offset + sum(sizes[r] for r in group_ranks)]
         g_group = g_all[group_offset: group_offset + x_group.shape[0]]
         ref.zero_grad(set_to_none=True)
@@ -275,6 +281,68 @@ def _four_rank_entry(rank: int, world_size: int, run_dir: str) -> None:
 def test_four_ranks_group_size_two(spawn_ranks) -> None:
     results = spawn_ranks(_four_rank_entry, 4)
     assert [r["members"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+# ----------------------------------------------------------------------------- CUDA / NCCL
+
+
+def _one_rank_function_entry(rank: int, world_size: int, run_dir: str, device: str) -> None:
+    """The layer's autograd Function over a 1-rank group (gloo on CPU, NCCL on CUDA) against
+    BatchNorm2d: the module itself would skip communication on a world of one, the Function does not."""
+    backend = "nccl" if device == "cuda" else "gloo"
+    _init_group(rank, world_size, run_dir, backend)
+    try:
+        calls = 0
+        for dtype in (torch.float64, torch.float32, torch.float16):
+            param_dtype = torch.float32 if dtype == torch.float16 else dtype
+            ref, _ = _bn_pair(param_dtype, 0.1, None)
+            ref = ref.to(device)
+            weight, bias = (p.detach().clone().requires_grad_(True) for p in (ref.weight, ref.bias))
+            running_mean, running_var = ref.running_mean.clone(), ref.running_var.clone()
+            x, g = (t.to(device) for t in _batch(4, dtype, seed=3))
+            x_ref = x.to(param_dtype, copy=True).requires_grad_(True)
+            out_ref = ref(x_ref)
+            (out_ref * g.to(param_dtype)).sum().backward()
+            x_mine = x.clone().requires_grad_(True)
+            with _CountAllReduce() as count:
+                out = cross_device_bn._CrossDeviceBatchNormFunction.apply(
+                    x_mine, weight, bias, running_mean, running_var, ref.eps, 0.1, dist.group.WORLD
+                )
+                (out * g).sum().backward()
+            calls += count.calls
+            tol = TOL[dtype] if dtype != torch.float16 else {"rtol": 1e-2, "atol": 2e-2}
+            assert out.dtype == dtype and out.device.type == device
+            assert_close(out.to(param_dtype), out_ref.detach(), **tol)
+            assert_close(x_mine.grad.to(param_dtype), x_ref.grad, **tol)
+            assert_close(weight.grad, ref.weight.grad, **TOL[param_dtype])
+            assert_close(bias.grad, ref.bias.grad, **TOL[param_dtype])
+            assert_close(running_mean, ref.running_mean, **TOL[param_dtype])
+            assert_close(running_var, ref.running_var, **TOL[param_dtype])
+        _save({"calls": calls}, run_dir, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_function_on_a_one_rank_group_matches_batchnorm(spawn_ranks, device: str) -> None:
+    assert spawn_ranks(_one_rank_function_entry, 1, device) == [{"calls": 6}]
+
+
+def _two_gpu_entry(rank: int, world_size: int, run_dir: str) -> None:
+    _init_group(rank, world_size, run_dir, "nccl")
+    try:
+        for sizes in ([3, 3], [1, 4], [0, 3]):
+            for dtype in (torch.float64, torch.float32):
+                _compare_with_reference(rank, world_size, sizes, None, dtype, 0.1, device="cuda")
+        _save({"done": True}, run_dir, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda(gpus=2)
+def test_two_gpus_over_nccl_match_batchnorm_on_concatenated_batch(spawn_ranks) -> None:
+    # The CPU counterpart, with the same helper, is test_two_ranks_match_batchnorm_on_concatenated_batch.
+    assert spawn_ranks(_two_gpu_entry, 2) == [{"done": True}] * 2
 
 
 # ----------------------------------------------------------------------------- single process

@@ -377,3 +377,29 @@ def test_levels_match_per_level_calls() -> None:
         prroi_pool_levels(maps, rois, levels, 2, [0.5])
     with pytest.raises(ValueError, match="share N, C"):
         prroi_pool_levels([maps[0], maps[1][:, :2]], rois, levels, 2, [0.5, 0.25])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_matches_cpu_float64(dtype: torch.dtype, tol: float) -> None:
+    # Output, feature gradient and RoI gradient on the GPU against the float64 CPU result.
+    gen = torch.Generator().manual_seed(8)
+    features = torch.randn(2, 16, 24, 30, generator=gen, dtype=torch.float64)
+    rois = _random_rois(gen, 64, 2, 24, 30, 0.5)
+    weights = torch.randn(64, 16, 7, 7, generator=gen, dtype=torch.float64)
+
+    def run(f: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+        f = f.detach().requires_grad_(True)
+        coords = r[:, 1:].detach().requires_grad_(True)
+        out = prroi_pool(f, torch.cat([r[:, :1], coords], dim=1), 7, 0.5)
+        (out.float() * w).sum().backward()
+        return [out.detach(), f.grad, coords.grad]
+
+    ref = run(features, rois, weights)
+    roi_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    got = run(features.cuda().to(dtype), rois.cuda().to(roi_dtype), weights.cuda().to(roi_dtype))
+    assert got[0].dtype == dtype and got[0].is_cuda
+    for name, g, r in zip(("output", "feature grad", "roi grad"), got, ref):
+        # Relative to the tensor's largest value: the RoI gradient sums thousands of terms.
+        err = float((g.cpu().double() - r).abs().max() / r.abs().max())
+        assert err <= tol, f"{name}: max error {err:.2e} of the largest value (allowed {tol:.0e})"
