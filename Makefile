@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pyproject.toml declares ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-cuda lint demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check megdet tests benchmarks
 	$(PY) -m pytest -q
+
+# Only the tests marked cuda (skipped on machines without CUDA devices, such as CI's).
+CUDA_PY ?= $(PY)
+test-cuda:
+	$(CUDA_PY) -m pytest -q -m cuda
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check megdet tests benchmarks

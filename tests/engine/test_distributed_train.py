@@ -35,8 +35,14 @@ def test_helpers_without_a_process_group() -> None:
     assert reduce_dict({"x": torch.tensor(2.0), "y": 3}) == {"x": 2.0, "y": 3.0}
 
 
-def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch) -> None:
+# The CUDA variant: NCCL chosen automatically, one GPU per worker, fp16 with loss scaling.
+@pytest.mark.parametrize(
+    "device_args",
+    [[], pytest.param(["train.device=cuda", "train.amp=fp16"], marks=pytest.mark.cuda(gpus=2), id="cuda")],
+)
+def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch, device_args) -> None:
     cfg = tiny_cfg(
+        *device_args,
         "model.norm=CrossDeviceBN",
         "data.images_per_device=1",
         "train.grad_accum_steps=2",  # global batch 2 x 1 x 2 = 4; no_sync on the first micro-step

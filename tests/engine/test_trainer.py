@@ -449,3 +449,18 @@ def test_finished_run_leaves_model_final_with_categories(tiny_cfg) -> None:
     assert names[-1] == "person" and final["categories"][-1]["skeleton"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iteration"] == 2 and summary["global_batch"] >= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["off", "fp16", "bf16"])
+def test_trains_and_resumes_on_cuda(tiny_cfg, amp: str) -> None:
+    common = ["train.device=cuda", f"train.amp={amp}", "train.checkpoint_period=1", "test.max_images=2"]
+    first = train(tiny_cfg(*common, "train.max_iters=2"))
+    assert first["iteration"] == 2
+    state = load_checkpoint(first["checkpoint"])
+    assert ("scale" in state["scaler"]) == (amp == "fp16")
+    resumed = train(tiny_cfg(*common, "train.max_iters=3", "test.eval_period=3"), resume=True)
+    assert resumed["iteration"] == 3 and "bbox" in resumed["eval"]
+    lines = [m for m in _metrics(Path(first["out_dir"])) if "total_loss" in m]
+    assert [m["iter"] for m in lines] == [1, 2, 3]
+    assert all(m["memory_mb"] > 0 and torch.isfinite(torch.tensor(m["total_loss"])) for m in lines)
