@@ -189,7 +189,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models.append(model)
         cfg = cfg or model_cfg
     assert cfg is not None
-    out = Path(args.out) if args.out else Path(args.weights[0]).resolve().parent / "eval"
+    # Defaults apart per kind of evaluation, so that a TTA or ensemble run never overwrites the plain one.
+    default_name = "eval" + ("_ensemble" if len(args.weights) > 1 else "") + ("_tta" if args.tta else "")
+    out = Path(args.out) if args.out else Path(args.weights[0]).resolve().parent / default_name
     created = not (dist.is_available() and dist.is_initialized())
     rank, world, _, device = init_distributed(device=cfg.train.device)
     try:
@@ -338,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--out",
         default=None,
-        help="folder for eval.json and the COCO results files (default: eval/ next to the first checkpoint, "
-        "or next to RESULTS)",
+        help="folder for eval.json and the COCO results files (default, next to the first checkpoint: eval/, "
+        "eval_tta/ with --tta, eval_ensemble/ or eval_ensemble_tta/ for several --weights; eval/ next to RESULTS)",
     )
     e.add_argument("--nproc", type=int, default=1, help="local worker processes sharing the images (default 1)")
     e.add_argument("--annotations", default=None, metavar="GT.json", help="ground truth of a results file")

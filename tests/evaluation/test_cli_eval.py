@@ -185,10 +185,14 @@ def test_eval_nproc_starts_the_local_launcher(setup: dict, monkeypatch: pytest.M
 
 
 def test_eval_ensemble_with_tta(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ckpt = str(setup["ckpt"])
-    out = tmp_path / "ens"
-    argv = ["eval", "--weights", ckpt, "--weights", ckpt, "--tta", "--out", str(out), "test.max_images=2"]
+    # A copy of the checkpoint in its own folder, for the default output folder next to it.
+    ckpt = tmp_path / "run" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(setup["ckpt"].read_bytes())
+    argv = ["eval", "--weights", str(ckpt), "--weights", str(ckpt), "--tta", "test.max_images=2"]
     assert main(argv) == 0
+    out = tmp_path / "run" / "eval_ensemble_tta"  # default: never the plain eval/ folder
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["eval_ensemble_tta", "model.pt"]
     assert set(json.loads((out / "eval.json").read_text())) == {"bbox", "segm", "keypoints"}
     timing = json.loads((out / "timing.json").read_text())
     assert timing["models"] == 2 and timing["tta"] and timing["images"] == 2
