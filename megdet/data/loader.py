@@ -10,6 +10,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,17 @@ def build_test_dataset(cfg: Config, split: str) -> CocoDetection:
     return _build_dataset(cfg, split, train=False)
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """worker_init_fn: data-loader workers outlive SIGTERM.
+
+    A job scheduler's SIGTERM reaches every process of the job. The training process turns it into a
+    checkpoint and then shuts its loader down itself; a worker killed by it first made the trainer fail
+    with "DataLoader worker ... is killed by signal: Terminated" instead of saving. Workers still end
+    with their parent (PyTorch's worker watchdog) or with SIGKILL.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_train_loader(
     cfg: Config, rank: int, world_size: int, start_iter: int = 0, dataset: CocoDetection | None = None
 ) -> DataLoader:
@@ -183,6 +195,7 @@ def build_train_loader(
         num_workers=workers,
         collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
         persistent_workers=workers > 0,
+        worker_init_fn=_ignore_sigterm,
         pin_memory=torch.cuda.is_available(),
         # Own generator: creating worker iterators must not consume the caller's global RNG.
         generator=torch.Generator().manual_seed(cfg.train.seed + rank),
@@ -204,5 +217,6 @@ def build_test_loader(
         sampler=InferenceSampler(size, rank, world_size),
         num_workers=cfg.data.num_workers,
         collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
+        worker_init_fn=_ignore_sigterm,  # evaluation inside a training run that gets SIGTERM
         pin_memory=torch.cuda.is_available(),
     )

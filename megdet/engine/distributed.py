@@ -10,6 +10,7 @@ helper here then degrades to the single-process answer.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from megdet.config import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+SHUTDOWN_GRACE_S = 300  # seconds local workers get to stop after SIGTERM before the launcher kills them
 
 
 def in_worker() -> bool:
@@ -184,11 +186,18 @@ def launch_local(nproc: int, argv: Sequence[str], script: str | None = None) -> 
         0 when every worker succeeded, else the exit code of the first failed worker (after printing
         one line naming it).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected >= 1, got {nproc}")
+    extra: dict[str, Any] = {}
+    if "shutdown_timeout" in LaunchConfig.__dataclass_fields__:  # torch >= 2.10
+        # On SIGTERM the launcher forwards it to the workers and kills them after this grace period; a
+        # worker stops at the end of its iteration and then writes a checkpoint, which can take longer
+        # than torch's default 30 s on CPU with a large model. TORCH_ELASTIC_SHUTDOWN_TIMEOUT overrides.
+        extra["shutdown_timeout"] = _env_int("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_GRACE_S)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -198,10 +207,18 @@ def launch_local(nproc: int, argv: Sequence[str], script: str | None = None) -> 
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         monitor_interval=0.1,
+        **extra,
     )
     args = ("-m", "megdet", *argv) if script is None else (script, *argv)
     try:
         elastic_launch(config, sys.executable)(*args)
+    except SignalException as e:
+        # The workers have had the signal and their grace period by now (a training run saved its
+        # checkpoint); torch's own traceback of the launcher says nothing more.
+        name = signal.Signals(e.sigval).name
+        print(f"megdet: stopped by {name}; the {nproc} workers were stopped (a training run saves a checkpoint"
+              " on SIGTERM: continue with --resume)", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         print(f"megdet: worker {rank} of {nproc} failed with exit code {failure.exitcode}", file=sys.stderr)

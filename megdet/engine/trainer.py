@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -64,6 +65,7 @@ from megdet.engine.lr_policy import (
     plot_schedule,
     resolve_schedule,
 )
+from megdet.layers import CrossDeviceBatchNorm2d
 
 AMP_MODES = ("off", "bf16", "fp16")
 SUBLINEAR_MODES = ("off", "stages", "blocks", "nested")
@@ -404,6 +406,24 @@ class _StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _ddp_buffer_sync(model: nn.Module) -> dict[str, bool]:
+    """DDP's keyword for syncing buffers from rank 0 at every forward, and whether to.
+
+    Plain BN layers (``model.norm`` or ``model.head_norm`` BN) keep per-device running statistics:
+    broadcasting rank 0's keeps the replicas equal. Cross-device BN statistics are equal across a group
+    already (and differ between groups on purpose), FrozenBN / GN have none that change. torch 2.14
+    renamed ``broadcast_buffers`` to ``forward_sync_buffers`` (the old name warns on every rank).
+    """
+    sync = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, CrossDeviceBatchNorm2d)
+        and m.track_running_stats
+        for m in model.modules()
+    )
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if new_name else "broadcast_buffers": sync}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -526,13 +546,11 @@ def _run(
             scaler.load_state_dict(ckpt["scaler"])
 
     if world > 1:
-        # Plain BN keeps per-device running statistics; broadcasting rank 0's keeps replicas equal.
-        # Cross-device BN statistics are already equal, FrozenBN/GN have none that change.
         ddp = DistributedDataParallel(
             model,
             device_ids=[local_rank] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.model.norm == "BN",
             find_unused_parameters=False,
+            **_ddp_buffer_sync(model),
         )
         net: nn.Module = ddp
     else:

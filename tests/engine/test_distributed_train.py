@@ -90,6 +90,78 @@ def test_launch_local_reports_a_failing_worker(tmp_path, capsys) -> None:
     assert "worker 1 of 2 failed with exit code 3" in capsys.readouterr().err
 
 
+LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    from megdet.engine.distributed import launch_local
+
+    sys.exit(launch_local(2, [sys.argv[1]], script=sys.argv[2]))
+    """
+)
+
+GRACEFUL_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+
+    def stop(signum, frame):
+        time.sleep(1.0)  # stands in for the end of the iteration and the checkpoint write
+        open(os.path.join(sys.argv[1], "saved_" + os.environ["RANK"]), "w").close()
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
+    open(os.path.join(sys.argv[1], "ready_" + os.environ["RANK"]), "w").close()
+    while True:
+        time.sleep(0.05)
+    """
+)
+
+
+def test_sigterm_to_the_launcher_lets_workers_finish_and_is_one_line(tmp_path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    (tmp_path / "worker.py").write_text(GRACEFUL_WORKER)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path), str(tmp_path / "worker.py")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready_{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert all((tmp_path / f"saved_{r}").exists() for r in (0, 1))  # the workers' handlers ran to the end
+    lines = [line for line in stderr.splitlines() if line.startswith("megdet:")]
+    assert lines == ["megdet: stopped by SIGTERM; the 2 workers were stopped (a training run saves a checkpoint"
+                     " on SIGTERM: continue with --resume)"]
+    assert "Traceback" not in stderr
+
+
+def test_workers_get_a_long_grace_period_after_sigterm(monkeypatch) -> None:
+    import torch.distributed.launcher.api as launcher_api
+
+    from megdet.engine.distributed import SHUTDOWN_GRACE_S
+
+    if "shutdown_timeout" not in launcher_api.LaunchConfig.__dataclass_fields__:
+        pytest.skip("this torch's launcher has no shutdown_timeout (fixed at 30 s)")
+    seen = []
+    monkeypatch.setattr(launcher_api, "elastic_launch", lambda config, entry: lambda *args: seen.append(config))
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert launch_local(2, ["x"]) == 0
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    assert launch_local(2, ["x"]) == 0
+    assert [c.shutdown_timeout for c in seen] == [SHUTDOWN_GRACE_S, 45] and SHUTDOWN_GRACE_S > 30
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="sched_getaffinity")
 def test_worker_env_detection(monkeypatch) -> None:
     from megdet.engine.distributed import in_worker, init_distributed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import signal
@@ -126,8 +127,11 @@ SIGTERM_WORKER = textwrap.dedent(
 )
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path) -> None:
-    cfg = tiny_cfg("train.max_iters=500", "train.checkpoint_period=1000")
+# "group": a job scheduler's SIGTERM reaches every process of the job, data-loader workers included.
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path, target: str) -> None:
+    workers = 2 if target == "group" else 0
+    cfg = tiny_cfg("train.max_iters=500", "train.checkpoint_period=1000", f"data.num_workers={workers}")
     config = tmp_path / "tiny.yaml"
     config.write_text(dump_config(cfg))
     script = tmp_path / "worker.py"
@@ -140,6 +144,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path) -> N
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=True,  # its own process group, to signal as a whole
     )
     try:
         deadline = time.monotonic() + 120
@@ -147,7 +152,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path) -> N
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -162,7 +170,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path) -> N
     assert load_checkpoint(out / f"model_{k:07d}.pt")["iteration"] == k
     assert "SIGTERM" in stderr + stdout
 
-    again = train(tiny_cfg(f"train.max_iters={k + 1}", "train.checkpoint_period=1000"), resume=True)
+    again = train(
+        tiny_cfg(f"train.max_iters={k + 1}", "train.checkpoint_period=1000", f"data.num_workers={workers}"),
+        resume=True,
+    )
     assert again["iteration"] == k + 1 and not again["interrupted"]
     assert load_checkpoint(again["checkpoint"])["iteration"] == k + 1
 
@@ -239,6 +250,20 @@ def test_accumulation_equals_the_large_batch_gradient() -> None:
     assert ga.keys() == gb.keys() and len(ga) == 6
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
+def test_ddp_syncs_buffers_only_for_plain_batchnorm() -> None:
+    from megdet.layers import CrossDeviceBatchNorm2d
+
+    def sync(*layers: nn.Module) -> bool:
+        (value,) = trainer_mod._ddp_buffer_sync(nn.Sequential(*layers)).values()
+        return value
+
+    assert sync(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert not sync(CrossDeviceBatchNorm2d(4), nn.GroupNorm(2, 4), nn.BatchNorm2d(4, track_running_stats=False))
+    assert sync(CrossDeviceBatchNorm2d(4), nn.BatchNorm2d(4))  # cross-device backbone, BN heads
+    (name,) = trainer_mod._ddp_buffer_sync(nn.Sequential()).keys()
+    assert name in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
 
 
 def test_fp16_loss_scaling_clips_unscaled_gradients_and_skips_overflow() -> None:
