@@ -402,7 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `megdet` console script."""
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
+    args, extra = parser.parse_known_args(raw)
+    # argparse takes only the first run of key=value overrides; later ones (after an option, as in
+    # `a=1 --nproc 2 b=2`) come back as extras, in order, and belong to the same list.
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.raw_argv = raw
     try:
         return int(args.func(args) or 0)

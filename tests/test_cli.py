@@ -64,6 +64,18 @@ def test_config_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == "megdet: error: unknown config key 'model.backbon'; did you mean 'model.backbone'?"
 
 
+def test_overrides_before_and_after_options(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "model.backbone=resnet34", "--print-config", "--nproc", "4", "solver.base_lr=0.01",
+            "--out", "runs/x", "model.backbone=resnet50"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "backbone: resnet50" in out and "base_lr: 0.01" in out  # in order: the later one wins
+    assert "global batch 8" in out  # --nproc 4 after an override still counts
+    with pytest.raises(SystemExit):
+        main(["train", "--print-config", "a=1", "--nproc", "2", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
 def test_bench_names_the_available_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "no_such_benchmark"]) == 2
     err = capsys.readouterr().err
