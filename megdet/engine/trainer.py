@@ -622,6 +622,13 @@ def _run(
     def run_eval(iteration: int) -> dict[str, Any]:
         from megdet.evaluation.inference import evaluate_model
 
+        if world > 1:
+            # Every rank evaluates its shard with rank 0's buffers, i.e. exactly the model that rank 0
+            # checkpoints. Otherwise plain-BN replicas differ by their last local statistics update (DDP
+            # syncs buffers before a forward, not after), as do cross-device BN groups smaller than
+            # the world. Only evaluation reads running statistics, so training is unaffected.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         # Runs every rank's shard in eval mode under a forked RNG: the training stream is unaffected.
         results = evaluate_model(
             model,

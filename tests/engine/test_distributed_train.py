@@ -44,6 +44,10 @@ def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch,
     cfg = tiny_cfg(
         *device_args,
         "model.norm=CrossDeviceBN",
+        "model.head_norm=BN",  # per-device statistics in FPN / heads: DDP syncs those buffers
+        "test.eval_period=8",
+        "test.max_images=4",
+        "test.images_per_device=1",
         "data.images_per_device=1",
         "train.grad_accum_steps=2",  # global batch 2 x 1 x 2 = 4; no_sync on the first micro-step
         "train.max_iters=8",
@@ -80,6 +84,20 @@ def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch,
     # Per-rank RNG streams differ (each rank samples its own proposals).
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert [p.name for p in sorted(out.glob("model_*.pt"))] == ["model_0000004.pt", "model_0000008.pt", "model_final.pt"]
+
+    # The evaluation at the end of the 2-process run (each rank one shard) is that of the saved model:
+    # every rank evaluated with rank 0's BN statistics, not with its own last local update.
+    if not device_args:
+        from megdet.evaluation.inference import evaluate_model, load_model_from_checkpoint
+
+        assert set(summaries[0]["summary"]["eval"]) == {"bbox"}
+        model, model_cfg = load_model_from_checkpoint(out / "model_final.pt", None)
+        evaluate_model(model, model_cfg, out_dir=tmp_path / "single", rank=0, world_size=1, progress=False)
+        a = json.loads((out / "eval" / "iter_0000008" / "coco_results_bbox.json").read_text())
+        b = json.loads((tmp_path / "single" / "coco_results_bbox.json").read_text())
+        assert len(a) == len(b) > 0 and {r["image_id"] for r in a} == {r["image_id"] for r in b}
+        assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-6)
+        assert [v for r in a for v in r["bbox"]] == pytest.approx([v for r in b for v in r["bbox"]], abs=1e-4)
 
 
 def test_launch_local_reports_a_failing_worker(tmp_path, capsys) -> None:
