@@ -21,7 +21,20 @@ WORKER = textwrap.dedent(
     from megdet.engine.trainer import train
 
     cfg = load_config(sys.argv[1], sys.argv[2:])
-    summary = train(cfg)
+    die_at = int(os.environ.get("MEGDET_TEST_DIE_AT", "0"))
+    if die_at:  # every rank dies in that update (an exception stands in for a kill)
+        import megdet.engine.trainer as trainer_mod
+
+        real_update, calls = trainer_mod.apply_update, []
+
+        def dying_update(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == die_at:
+                raise RuntimeError("simulated kill")
+            return real_update(*args, **kwargs)
+
+        trainer_mod.apply_update = dying_update
+    summary = train(cfg, resume="--resume" in os.environ.get("MEGDET_TEST_FLAGS", ""))
     rank = int(os.environ["RANK"])
     with open(os.path.join(cfg.train.out_dir, f"summary_{rank}.json"), "w") as f:
         json.dump({"summary": summary, "world": os.environ["WORLD_SIZE"]}, f)
@@ -98,6 +111,43 @@ def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch,
         assert len(a) == len(b) > 0 and {r["image_id"] for r in a} == {r["image_id"] for r in b}
         assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-6)
         assert [v for r in a for v in r["bbox"]] == pytest.approx([v for r in b for v in r["bbox"]], abs=1e-4)
+
+
+def test_two_processes_killed_and_resumed_end_bit_identical(tiny_cfg, tmp_path, monkeypatch) -> None:
+    # Per-rank sampler shards, per-rank RNG streams, cross-device BN and DDP across a kill and a resume.
+    common = ["model.norm=CrossDeviceBN", "data.images_per_device=1", "train.max_iters=4",
+              "train.checkpoint_period=2"]  # fmt: skip
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("full", "resumed"):
+        (tmp_path / f"{name}.yaml").write_text(dump_config(tiny_cfg(*common, f"train.out_dir={tmp_path / name}")))
+    assert launch_local(2, [str(tmp_path / "full.yaml")], script=str(script)) == 0
+    monkeypatch.setenv("MEGDET_TEST_DIE_AT", "3")
+    assert launch_local(2, [str(tmp_path / "resumed.yaml")], script=str(script)) != 0
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("model_*.pt")) == ["model_0000002.pt"]
+    monkeypatch.setenv("MEGDET_TEST_DIE_AT", "0")
+    monkeypatch.setenv("MEGDET_TEST_FLAGS", "--resume")
+    assert launch_local(2, [str(tmp_path / "resumed.yaml")], script=str(script)) == 0
+
+    a = load_checkpoint(tmp_path / "full" / "model_0000004.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "model_0000004.pt")
+    for key in ("model", "optimizer"):
+        flat_a, flat_b = _flatten(a[key]), _flatten(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]) if isinstance(flat_a[k], torch.Tensor) else flat_a[k] == flat_b[k], k
+    assert a["sampler_position"] == b["sampler_position"] == 4
+    for r in (0, 1):
+        assert torch.equal(a["rng"][r]["torch"], b["rng"][r]["torch"]), r
+
+
+def _flatten(d: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    if isinstance(d, list):
+        return {k: v for i, sub in enumerate(d) for k, v in _flatten(sub, f"{prefix}{i}.").items()}
+    return {prefix: d}
 
 
 def test_launch_local_reports_a_failing_worker(tmp_path, capsys) -> None:
