@@ -84,7 +84,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from megdet.engine.trainer import resolved_schedule_text
 
         print(dump_config(cfg), end="")
-        print(resolved_schedule_text(cfg, world_size=world))
+        if args.num_images is not None and args.num_images < 1:
+            raise CliError(f"--num-images: expected >= 1, got {args.num_images}")
+        print(resolved_schedule_text(cfg, world_size=world, num_images=args.num_images))
         return 0
     if args.nproc > 1 and not _in_worker():
         from megdet.engine.distributed import launch_local
@@ -317,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and schedule, then exit")
+    t.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --print-config: training images per epoch, instead of reading the training split "
+        "(to plan a run where the data is not; e.g. 117266 for COCO train2017 with annotated images)",
+    )
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=_cmd_train)
 

@@ -71,6 +71,8 @@ def test_overrides_before_and_after_options(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "backbone: resnet50" in out and "base_lr: 0.01" in out  # in order: the later one wins
     assert "global batch 8" in out  # --nproc 4 after an override still counts
+    assert main(["train", "--print-config", "--num-images", "0"]) == 2
+    assert "--num-images: expected >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--print-config", "a=1", "--nproc", "2", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err

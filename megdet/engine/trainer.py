@@ -124,19 +124,31 @@ def schedule_for(cfg: Config, world_size: int, num_images: int) -> ScheduleInfo:
     )
 
 
-def resolved_schedule_text(cfg: Config, world_size: int) -> str:
+def resolved_schedule_text(cfg: Config, world_size: int, num_images: int | None = None) -> str:
     """What ``megdet train --print-config --nproc N`` adds after the config: the schedule for N devices.
 
-    Every line is a YAML comment, so the printed config stays loadable. Reads the training annotations
-    (for the number of images) unless ``train.max_iters`` fixes the length.
+    Every line is a YAML comment, so the printed config stays loadable. The number of training images
+    per epoch is ``num_images`` when given (``--num-images``, for planning a run on a machine without
+    the data set), else read from the training annotations. When neither is available, the lines that
+    do not depend on it (global batch, learning rate) are still printed, and the reason.
     """
     lines = [f"# resolved for {world_size} device(s):"]
-    try:
-        from megdet.data.loader import build_train_dataset
+    problem = None
+    if num_images is None:
+        try:
+            from megdet.data.loader import build_train_dataset
 
-        num_images = len(build_train_dataset(cfg))
-    except (OSError, ValueError) as e:
-        lines.append(f"#   schedule unavailable: cannot read the training split ({str(e).splitlines()[0]})")
+            num_images = len(build_train_dataset(cfg))
+        except (OSError, ValueError) as e:
+            problem = str(e).splitlines()[0]
+    if num_images is None:
+        # Global batch and lr do not depend on the data set's size: resolve with a stand-in for them.
+        info = schedule_for(cfg, world_size, 1)
+        lines += [f"#   {line}" for line in info.summary_lines()[:2]]
+        lines.append(
+            f"#   iterations, warmup and decay unavailable: cannot read the training split ({problem});"
+            " pass --num-images N (images per epoch) or fix data.root"
+        )
         return "\n".join(lines)
     info = schedule_for(cfg, world_size, num_images)
     lines += [f"#   {line}" for line in info.summary_lines()]

@@ -453,6 +453,17 @@ def test_resume_with_another_global_batch_is_refused(tiny_cfg) -> None:
     assert load_checkpoint(first["checkpoint"])["iteration"] == 1
 
 
+def test_resolved_schedule_text_without_the_data(tiny_cfg, tmp_path) -> None:
+    cfg = tiny_cfg(f"data.root={tmp_path / 'nowhere'}", "data.images_per_device=2")
+    text = resolved_schedule_text(cfg, world_size=64)
+    assert "global batch 128" in text and "= 0.16" in text
+    assert "iterations, warmup and decay unavailable" in text and "--num-images" in text
+    assert str(tmp_path / "nowhere") in text
+    planned = resolved_schedule_text(cfg, world_size=64, num_images=117266)
+    assert "iterations: 11004 total, 917 per epoch (117266 images, 12 epochs)" in planned
+    assert all(line.startswith("#") for line in text.splitlines() + planned.splitlines())
+
+
 def test_resolved_schedule_text(tiny_cfg) -> None:
     text = resolved_schedule_text(tiny_cfg("data.images_per_device=2", "train.max_iters=-1"), world_size=8)
     lines = text.splitlines()
