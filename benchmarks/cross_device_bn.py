@@ -9,7 +9,7 @@ Two otherwise identical models are built in each worker and trained alternately,
 load drifting on a shared machine hits both alike:
 
 * ``BN``: ``model.norm=BN`` -- per-device statistics (DDP broadcasts rank 0's BN buffers before
-  every forward, as the trainer sets ``broadcast_buffers`` for BN);
+  every forward, as the trainer has DDP do for plain BN);
 * ``CrossDeviceBN``: ``model.norm=CrossDeviceBN`` -- statistics shared by both ranks (MegDet's CGBN;
   no buffer broadcast needed).
 
@@ -51,7 +51,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,12 +127,13 @@ def count_collectives(model: Any, norm: str, batch: Any, cfg: Any, iterations: i
     from torch.nn.parallel import DistributedDataParallel
 
     from megdet.engine.lr_policy import build_optimizer
+    from megdet.engine.trainer import ddp_buffer_kwargs
     from megdet.layers import collectives
     from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 
     counter = CollectiveCounter()
     copy_ = copy.deepcopy(model)
-    ddp = DistributedDataParallel(copy_, broadcast_buffers=norm == "BN", find_unused_parameters=False)
+    ddp = DistributedDataParallel(copy_, find_unused_parameters=False, **ddp_buffer_kwargs(copy_))
     original_all_reduce = dist.all_reduce
     ddp.register_comm_hook(counter, counting_allreduce_hook(original_all_reduce, dist.get_world_size()))
     original_broadcast = ddp._distributed_broadcast_coalesced
@@ -246,13 +246,10 @@ def worker(args: argparse.Namespace) -> None:
     from megdet.config import load_config
     from megdet.engine.distributed import all_gather_object, barrier, cleanup_distributed, init_distributed
     from megdet.engine.lr_policy import build_optimizer
-    from megdet.engine.trainer import accumulate_gradients, apply_update, recompute_names
+    from megdet.engine.trainer import accumulate_gradients, apply_update, ddp_buffer_kwargs, recompute_names
     from megdet.layers.recompute import apply_recompute
     from megdet.modeling.detector import build_model
 
-    # The trainer passes DDP's broadcast_buffers, which torch 2.14 flags as deprecated; we mirror the
-    # trainer, so the warning says nothing about this benchmark.
-    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     rank, world, _, device = init_distributed(device="cpu")
     torch.set_num_threads(args.threads)  # init_distributed divides the cores; the benchmark fixes it
     try:
@@ -268,7 +265,7 @@ def worker(args: argparse.Namespace) -> None:
             model.train()
             models[norm] = model
             # The trainer's DDP settings for each norm.
-            ddps[norm] = DistributedDataParallel(model, broadcast_buffers=norm == "BN", find_unused_parameters=False)
+            ddps[norm] = DistributedDataParallel(model, find_unused_parameters=False, **ddp_buffer_kwargs(model))
             optimizers[norm] = build_optimizer(model, cfg.solver, LR)
             params[norm] = [p for p in model.parameters() if p.requires_grad]
         m = cfgs["BN"].model

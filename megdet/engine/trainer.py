@@ -418,7 +418,7 @@ class _StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _ddp_buffer_sync(model: nn.Module) -> dict[str, bool]:
+def ddp_buffer_kwargs(model: nn.Module) -> dict[str, bool]:
     """DDP's keyword for syncing buffers from rank 0 at every forward, and whether to.
 
     Plain BN layers (``model.norm`` or ``model.head_norm`` BN) keep per-device running statistics:
@@ -562,7 +562,7 @@ def _run(
             model,
             device_ids=[local_rank] if device.type == "cuda" else None,
             find_unused_parameters=False,
-            **_ddp_buffer_sync(model),
+            **ddp_buffer_kwargs(model),
         )
         net: nn.Module = ddp
     else:

@@ -256,13 +256,13 @@ def test_ddp_syncs_buffers_only_for_plain_batchnorm() -> None:
     from megdet.layers import CrossDeviceBatchNorm2d
 
     def sync(*layers: nn.Module) -> bool:
-        (value,) = trainer_mod._ddp_buffer_sync(nn.Sequential(*layers)).values()
+        (value,) = trainer_mod.ddp_buffer_kwargs(nn.Sequential(*layers)).values()
         return value
 
     assert sync(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     assert not sync(CrossDeviceBatchNorm2d(4), nn.GroupNorm(2, 4), nn.BatchNorm2d(4, track_running_stats=False))
     assert sync(CrossDeviceBatchNorm2d(4), nn.BatchNorm2d(4))  # cross-device backbone, BN heads
-    (name,) = trainer_mod._ddp_buffer_sync(nn.Sequential()).keys()
+    (name,) = trainer_mod.ddp_buffer_kwargs(nn.Sequential()).keys()
     assert name in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
 
 
