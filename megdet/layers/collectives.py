@@ -40,7 +40,7 @@ __all__ = ["SLOT_BYTES", "all_reduce", "shared_memory_enabled"]
 
 SLOT_BYTES = 64 * 1024  # per rank and buffer: BatchNorm's 2C+1 float64 values up to C = 4095
 _FLAG_STRIDE = 8  # int64s between two ranks' sequence numbers: one 64-byte cache line each
-_SPIN_CHECKS = 2000  # busy checks (~1-2 us each) before yielding the core to other processes
+_SPIN_CHECKS = 2000  # busy checks (~1-2 us each) before sleeping, which frees the core
 _TIMEOUT_S = 1800.0  # torch.distributed's default collective timeout
 _DTYPES = (torch.float32, torch.float64)
 _STORE_FENCE = threading.Lock()
@@ -110,8 +110,11 @@ class _SharedMemoryGroup:
                 checks += 1
                 if checks <= _SPIN_CHECKS:
                     continue
-                # Past the spin budget the other ranks are far behind (or share this core): yield.
-                os.sched_yield()
+                # Past the spin budget the other ranks are far behind, or need this core: sleep, which
+                # frees it. os.sched_yield() did not: 2 ranks x 2 threads on 2 cores (torchrun with one
+                # process per "node" on one machine) took 4 s per step, 1.3 s with the sleep, 1.5 s
+                # with gloo; benchmarks/cross_device_bn.py unchanged within noise (1.06-1.11x both).
+                time.sleep(20e-6)
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + _TIMEOUT_S
