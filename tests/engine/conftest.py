@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _signal_when_ready(
+    proc: subprocess.Popen, ready: Callable[[], bool], send: Callable[[], None], timeout: float = 120.0
+) -> tuple[str, str]:
+    """Waits for ``ready()`` (failing if ``proc`` exits first or ``timeout`` passes), calls ``send()``
+    and returns ``proc``'s (stdout, stderr); ``proc`` is killed if anything fails on the way."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the process never became ready"
+            time.sleep(0.1)
+        send()
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def signal_when_ready() -> Callable[..., tuple[str, str]]:
+    """``signal_when_ready(proc, ready, send) -> (stdout, stderr)``, for the SIGTERM tests."""
+    return _signal_when_ready

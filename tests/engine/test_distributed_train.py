@@ -184,10 +184,9 @@ GRACEFUL_WORKER = textwrap.dedent(
 )
 
 
-def test_sigterm_to_the_launcher_lets_workers_finish_and_is_one_line(tmp_path) -> None:
+def test_sigterm_to_the_launcher_lets_workers_finish_and_is_one_line(tmp_path, signal_when_ready) -> None:
     import signal
     import subprocess
-    import time
 
     (tmp_path / "launcher.py").write_text(LAUNCHER)
     (tmp_path / "worker.py").write_text(GRACEFUL_WORKER)
@@ -195,17 +194,8 @@ def test_sigterm_to_the_launcher_lets_workers_finish_and_is_one_line(tmp_path) -
         [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path), str(tmp_path / "worker.py")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not all((tmp_path / f"ready_{r}").exists() for r in (0, 1)):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ready = lambda: all((tmp_path / f"ready_{r}").exists() for r in (0, 1))  # noqa: E731
+    _, stderr = signal_when_ready(proc, ready, lambda: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 143, stderr[-2000:]
     assert all((tmp_path / f"saved_{r}").exists() for r in (0, 1))  # the workers' handlers ran to the end
     lines = [line for line in stderr.splitlines() if line.startswith("megdet:")]

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -129,7 +128,7 @@ SIGTERM_WORKER = textwrap.dedent(
 
 # "group": a job scheduler's SIGTERM reaches every process of the job, data-loader workers included.
 @pytest.mark.parametrize("target", ["process", "group"])
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path, target: str) -> None:
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path, signal_when_ready, target: str) -> None:
     workers = 2 if target == "group" else 0
     cfg = tiny_cfg("train.max_iters=500", "train.checkpoint_period=1000", f"data.num_workers={workers}")
     config = tmp_path / "tiny.yaml"
@@ -146,21 +145,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path, targ
         env=env,
         start_new_session=True,  # its own process group, to signal as a whole
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
-        if target == "group":
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    metrics = out / "metrics.jsonl"
+    if target == "group":
+        send = lambda: os.killpg(proc.pid, signal.SIGTERM)  # noqa: E731
+    else:
+        send = lambda: proc.send_signal(signal.SIGTERM)  # noqa: E731
+    stdout, stderr = signal_when_ready(proc, lambda: metrics.is_file() and metrics.read_text().strip(), send)
     assert proc.returncode == 0, stderr[-2000:]
     summary = json.loads(stdout.split("SUMMARY ", 1)[1])
     k = summary["iteration"]
