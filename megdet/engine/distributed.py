@@ -193,7 +193,7 @@ def launch_local(nproc: int, argv: Sequence[str], script: str | None = None) -> 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected >= 1, got {nproc}")
     extra: dict[str, Any] = {}
-    if "shutdown_timeout" in LaunchConfig.__dataclass_fields__:  # torch >= 2.10
+    if "shutdown_timeout" in LaunchConfig.__dataclass_fields__:  # recent torch (2.14 has it); older: 30 s
         # On SIGTERM the launcher forwards it to the workers and kills them after this grace period; a
         # worker stops at the end of its iteration and then writes a checkpoint, which can take longer
         # than torch's default 30 s on CPU with a large model. TORCH_ELASTIC_SHUTDOWN_TIMEOUT overrides.
