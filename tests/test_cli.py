@@ -64,6 +64,16 @@ def test_config_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == "megdet: error: unknown config key 'model.backbon'; did you mean 'model.backbone'?"
 
 
+def test_impossible_model_and_solver_values_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked before any data is read or layer built: one line, exit status 2, no traceback.
+    for override, message in (
+        ("model.fpn_channels=0", "megdet: error: model.fpn_channels: expected >= 1, got 0"),
+        ("solver.momentum=2", "megdet: error: solver.momentum: expected a value in [0, 1), got 2.0"),
+    ):
+        assert main(["train", f"train.out_dir={tmp_path / 'run'}", "data.root=nowhere", override]) == 2
+        assert capsys.readouterr().err.strip() == message
+
+
 def test_overrides_before_and_after_options(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["train", "model.backbone=resnet34", "--print-config", "--nproc", "4", "solver.base_lr=0.01",
             "--out", "runs/x", "model.backbone=resnet50"]  # fmt: skip

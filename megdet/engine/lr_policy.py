@@ -125,6 +125,48 @@ def _check_optimizer(s: SolverConfig) -> None:
         s.optimizer in OPTIMIZERS,
         f"solver.optimizer: unknown optimizer '{s.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
     )
+    _check(0 <= s.momentum < 1, f"solver.momentum: expected a value in [0, 1), got {s.momentum}")
+    _check(s.weight_decay >= 0, f"solver.weight_decay: expected >= 0, got {s.weight_decay}")
+    _check(s.weight_decay_norm >= 0, f"solver.weight_decay_norm: expected >= 0, got {s.weight_decay_norm}")
+
+
+def check_solver_config(s: SolverConfig) -> None:
+    """One-line ConfigErrors for ``solver.*`` values no schedule or optimizer can be built from.
+
+    Needs neither the data set nor the device count, so a run can check it before reading any data.
+    """
+    _check(s.base_lr > 0, f"solver.base_lr: expected > 0, got {s.base_lr}")
+    _check(s.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {s.reference_batch}")
+    _check(
+        s.policy in POLICIES,
+        f"solver.policy: unknown policy '{s.policy}'; choose one of {', '.join(POLICIES)}",
+    )
+    _check_optimizer(s)
+    _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
+    _check(
+        s.warmup_iters >= -1, f"solver.warmup_iters: expected -1 (automatic) or >= 0, got {s.warmup_iters}"
+    )
+    _check(0 <= s.min_lr_factor <= 1, f"solver.min_lr_factor: expected in [0, 1], got {s.min_lr_factor}")
+    _check(s.epochs > 0, f"solver.epochs: expected > 0, got {s.epochs}")
+    decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
+    _check(
+        all(0 < d < s.epochs for d in decay_epochs),
+        f"solver.decay_epochs: each must lie strictly between 0 and solver.epochs={s.epochs:g},"
+        f" got {decay_epochs}",
+    )
+    _check(
+        decay_epochs == sorted(decay_epochs),
+        f"solver.decay_epochs: must be in increasing order, got {decay_epochs}",
+    )
+    _check(
+        len(decay_epochs) <= len(s.decay_factors),
+        f"solver.decay_factors: {len(s.decay_factors)} factor(s) for {len(decay_epochs)} decay epoch(s);"
+        " give at least one factor per entry of solver.decay_epochs",
+    )
+    _check(
+        all(f > 0 for f in s.decay_factors[: len(decay_epochs)]),
+        f"solver.decay_factors: expected positive factors, got {s.decay_factors}",
+    )
 
 
 def resolve_schedule(
@@ -153,39 +195,9 @@ def resolve_schedule(
     _check(images_per_device >= 1, f"data.images_per_device: expected >= 1, got {images_per_device}")
     _check(grad_accum_steps >= 1, f"train.grad_accum_steps: expected >= 1, got {grad_accum_steps}")
     _check(num_images >= 1, "the training split has no images; check data.root and data.train_split")
-    _check(s.base_lr > 0, f"solver.base_lr: expected > 0, got {s.base_lr}")
-    _check(s.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {s.reference_batch}")
-    _check(
-        s.policy in POLICIES,
-        f"solver.policy: unknown policy '{s.policy}'; choose one of {', '.join(POLICIES)}",
-    )
-    _check_optimizer(s)
-    _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
-    _check(
-        s.warmup_iters >= -1, f"solver.warmup_iters: expected -1 (automatic) or >= 0, got {s.warmup_iters}"
-    )
-    _check(0 <= s.min_lr_factor <= 1, f"solver.min_lr_factor: expected in [0, 1], got {s.min_lr_factor}")
+    check_solver_config(s)
     _check(max_iters == -1 or max_iters >= 1, f"train.max_iters: expected -1 or >= 1, got {max_iters}")
-    _check(s.epochs > 0, f"solver.epochs: expected > 0, got {s.epochs}")
     decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
-    _check(
-        all(0 < d < s.epochs for d in decay_epochs),
-        f"solver.decay_epochs: each must lie strictly between 0 and solver.epochs={s.epochs:g},"
-        f" got {decay_epochs}",
-    )
-    _check(
-        decay_epochs == sorted(decay_epochs),
-        f"solver.decay_epochs: must be in increasing order, got {decay_epochs}",
-    )
-    _check(
-        len(decay_epochs) <= len(s.decay_factors),
-        f"solver.decay_factors: {len(s.decay_factors)} factor(s) for {len(decay_epochs)} decay epoch(s);"
-        " give at least one factor per entry of solver.decay_epochs",
-    )
-    _check(
-        all(f > 0 for f in s.decay_factors[: len(decay_epochs)]),
-        f"solver.decay_factors: expected positive factors, got {s.decay_factors}",
-    )
 
     global_batch = world_size * images_per_device * grad_accum_steps
     lr = s.base_lr * global_batch / s.reference_batch

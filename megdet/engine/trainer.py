@@ -62,6 +62,7 @@ from megdet.engine.lr_policy import (
     LRScheduler,
     ScheduleInfo,
     build_optimizer,
+    check_solver_config,
     plot_schedule,
     resolve_schedule,
 )
@@ -91,7 +92,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_train_config(cfg: Config) -> None:
-    """One-line ConfigErrors for train.* values that cannot work."""
+    """One-line ConfigErrors for train.*, solver.* and model.* values that cannot work, raised before
+    any data is read or layer built."""
+    from megdet.data.loader import check_data_config
+    from megdet.evaluation.inference import check_test_config
+    from megdet.modeling.detector import check_model_config
+
+    check_solver_config(cfg.solver)
+    check_model_config(cfg)
+    check_data_config(cfg)
+    check_test_config(cfg)
     t = cfg.train
     if t.amp not in AMP_MODES:
         raise ConfigError(f"train.amp: unknown mode '{t.amp}'; choose one of {', '.join(AMP_MODES)}")
@@ -104,7 +114,6 @@ def check_train_config(cfg: Config) -> None:
         ("train.grad_accum_steps", t.grad_accum_steps, 1),
         ("train.checkpoint_period", t.checkpoint_period, 1),
         ("train.log_period", t.log_period, 1),
-        ("data.images_per_device", cfg.data.images_per_device, 1),
     ):
         if value < low:
             raise ConfigError(f"{key}: expected >= {low}, got {value}")

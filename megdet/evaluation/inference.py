@@ -245,6 +245,20 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def check_test_config(cfg: Config, tta: bool = False) -> None:
+    """One-line ConfigErrors for ``test.*`` values (``test.tta.*`` when ``tta``) evaluation cannot use."""
+    from megdet.evaluation.tta import BOX_MERGES
+
+    t = cfg.test
+    if t.images_per_device < 1:
+        raise ConfigError(f"test.images_per_device: expected >= 1, got {t.images_per_device}")
+    if tta:
+        if not t.tta.min_sizes or min(t.tta.min_sizes) < 1:
+            raise ConfigError(f"test.tta.min_sizes: expected a non-empty list of positive sizes, got {list(t.tta.min_sizes)}")
+        if t.tta.box_merge not in BOX_MERGES:
+            raise ConfigError(f"test.tta.box_merge: unknown value '{t.tta.box_merge}'; choose one of {', '.join(BOX_MERGES)}")
+
+
 def evaluate_model(
     model_or_models: nn.Module | Sequence[nn.Module],
     cfg: Config,
@@ -269,8 +283,12 @@ def evaluate_model(
     ``out_dir``, rank 0 writes ``coco_results_{task}.json``, ``eval.json`` and ``timing.json`` there.
     With ``progress``, rank 0 shows a progress bar and prints the timing and the AP table.
     """
+    from megdet.data.loader import check_data_config
     from megdet.engine.distributed import all_gather_object
     from megdet.evaluation.coco_eval import COCOEvaluator, format_eval_table
+
+    check_test_config(cfg, tta)
+    check_data_config(cfg)
 
     models = [
         _unwrap(m) for m in (model_or_models if isinstance(model_or_models, Sequence) else [model_or_models])
@@ -441,8 +459,10 @@ def predict_files(
     ``NAME_1``, ``NAME_2``... outputs.
     """
     from megdet.data.errors import DatasetError
+    from megdet.data.loader import check_data_config
     from megdet.evaluation.visualize import draw_predictions, predictions_to_json, save_png
 
+    check_data_config(cfg)  # the test transform's sizes and normalisation
     missing = [Path(p) for p in image_paths if not Path(p).is_file()]
     if missing:
         raise DatasetError(

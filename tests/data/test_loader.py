@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -118,3 +119,24 @@ def test_test_loader_covers_split_and_respects_max_images(tiny_coco):
     cfg.test.max_images = 3
     ids = [i for b in build_test_loader(cfg, "val", rank=0, world_size=1) for i in b.image_ids]
     assert ids == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.min_size_train=[]", "data.min_size_train: expected a non-empty list of positive sizes, got []"),
+        ("data.min_size_train=[256,0]", "data.min_size_train: expected a non-empty list of positive sizes"),
+        ("data.images_per_device=0", "data.images_per_device: expected >= 1, got 0"),
+        ("data.size_divisibility=-1", "data.size_divisibility: expected >= 0, got -1"),
+        ("data.flip_prob=1.5", "data.flip_prob: expected a value in [0, 1], got 1.5"),
+        ("data.pixel_mean=[0.5]", "data.pixel_mean: expected 3 values (R, G, B), got [0.5]"),
+        ("data.pixel_std=[1,0,1]", "data.pixel_std: expected positive values"),
+    ],
+)
+def test_impossible_data_configs_are_config_errors(override: str, message: str) -> None:
+    from megdet.config import ConfigError, load_config
+    from megdet.data.loader import check_data_config
+
+    check_data_config(load_config(None, []))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_data_config(load_config(None, [override]))

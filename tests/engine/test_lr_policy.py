@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from megdet.engine.lr_policy import (
     WARMUP_IMAGES,
     LRScheduler,
     build_optimizer,
+    check_solver_config,
     lr_at,
     param_groups,
     plot_schedule,
@@ -132,12 +134,16 @@ def test_cosine_ends_at_the_floor() -> None:
         ({"decay_epochs": [4.0, 8.0, 10.0, 11.0]}, "solver.decay_factors"),
         ({"warmup_factor": 0.0}, "solver.warmup_factor"),
         ({"base_lr": -1.0}, "solver.base_lr"),
+        ({"momentum": 1.0}, "solver.momentum"),
+        ({"weight_decay": -1e-4}, "solver.weight_decay"),
     ],
 )
 def test_bad_solver_values_name_the_key(solver: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
         _info(8, **solver)
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):  # the same, without any data set
+        check_solver_config(dataclasses.replace(SolverConfig(), **solver))
 
 
 def test_summary_lines_mention_everything() -> None:

@@ -3,6 +3,7 @@ drawn images, original-size outputs, stage methods, checkpoint loading and the s
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from megdet.config import Config, load_config
+from megdet.config import Config, ConfigError, load_config
 from megdet.modeling.detector import (
     GeneralizedRCNN,
     build_model,
@@ -310,20 +311,42 @@ def test_model_kwargs_follow_the_config() -> None:
     assert kw["box_head"]["pooler_type"] == "prroi" and kw["box_head"]["num_classes"] == 3
     kw = model_kwargs_from_config(_cfg("model.norm=GN"))
     assert kw["rpn"]["norm"] == "GN" and kw["box_head"]["norm"] == "GN"
-    with pytest.raises(ValueError, match="model.norm: unknown norm 'SyncBN'"):
+    with pytest.raises(ConfigError, match="model.norm: unknown norm 'SyncBN'"):
         model_kwargs_from_config(_cfg("model.norm=SyncBN"))
     # model.head_norm: the FPN / RPN / RoI heads apart from the backbone's norm.
     kw = model_kwargs_from_config(_cfg("model.norm=CrossDeviceBN", "model.head_norm=GN", "model.mask_on=true"))
     assert kw["backbone"]["norm"] == "CrossDeviceBN" and kw["backbone"]["fpn_norm"] == "GN"
     assert kw["rpn"]["norm"] == "GN" and kw["mask_head"]["norm"] == "GN" and kw["box_head"]["norm"] == "GN"
-    with pytest.raises(ValueError, match="model.head_norm: unknown norm 'LN'"):
+    with pytest.raises(ConfigError, match="model.head_norm: unknown norm 'LN'"):
         model_kwargs_from_config(_cfg("model.head_norm=LN"))
-    with pytest.raises(ValueError, match="model.bn_group_size: expected 0"):
+    with pytest.raises(ConfigError, match="model.bn_group_size: expected >= 0, got -2"):
         model_kwargs_from_config(_cfg("model.bn_group_size=-2"))
     with pytest.raises(ValueError, match="model.roi.pooler: unknown value 'roipool'"):
         build_model(_cfg("model.roi.pooler=roipool"))
     with pytest.raises(ValueError, match="model.roi.box_head: unknown value '3fc'"):
         build_model(_cfg("model.roi.box_head=3fc"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.num_classes=0", "model.num_classes: expected >= 1, got 0"),
+        ("model.fpn_channels=0", "model.fpn_channels: expected >= 1, got 0"),
+        ("model.backbone=resnet7", "model.backbone: unknown value 'resnet7'; choose one of resnet10"),
+        ("model.rpn.aspect_ratios=[]", "model.rpn.aspect_ratios: expected a non-empty list of positive numbers"),
+        ("model.rpn.anchor_sizes=[32,0]", "model.rpn.anchor_sizes: expected a non-empty list"),
+        ("model.roi.nms_thresh=1.5", "model.roi.nms_thresh: expected a value in [0, 1], got 1.5"),
+        ("model.trainable_layers=6", "model.trainable_layers: expected 0..5, got 6"),
+        ("model.roi.bbox_reg_weights=[1,1]", "model.roi.bbox_reg_weights: expected 4 positive numbers"),
+        ("model.roi.mask_head_dim=0", "model.roi.mask_head_dim: expected >= 1"),
+    ],
+)
+def test_impossible_model_configs_are_config_errors(override: str, message: str) -> None:
+    # ConfigError (one line on the command line), raised before any layer is built.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_model(_cfg("model.mask_on=true", override))
+    # Values only the disabled keypoint head would use are not checked.
+    build_model(_cfg("model.num_keypoints=0", "model.keypoint_on=false"))
 
 
 def test_head_norm_and_bn_group_size_reach_the_layers() -> None:
