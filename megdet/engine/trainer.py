@@ -496,7 +496,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 def _run(
     cfg: Config, resume: bool, rank: int, world: int, local_rank: int, device: torch.device
 ) -> dict[str, Any]:
-    from megdet.data.loader import build_train_loader
+    from megdet.data.loader import build_train_dataset, build_train_loader
     from megdet.modeling.detector import build_model, load_model_state
 
     t = cfg.train
@@ -542,7 +542,9 @@ def _run(
     model.train()
 
     # ---- data and schedule ------------------------------------------------------------------------
-    loader = build_train_loader(cfg, rank, world, start_iter=start_iter * t.grad_accum_steps)
+    dataset = build_train_dataset(cfg)
+    dataset.verify_images()  # a missing file fails now, not when the loader reaches it hours later
+    loader = build_train_loader(cfg, rank, world, start_iter=start_iter * t.grad_accum_steps, dataset=dataset)
     info = schedule_for(cfg, world, len(loader.dataset))
     categories = list(getattr(getattr(loader.dataset, "dataset", loader.dataset), "categories", []))
     if ckpt is not None:

@@ -436,6 +436,20 @@ def test_config_errors(tiny_cfg, tmp_path) -> None:
         train(tiny_cfg())
 
 
+def test_a_missing_training_image_fails_before_the_first_step(tiny_cfg, synth_root, tmp_path) -> None:
+    import shutil
+
+    from megdet.data.errors import DatasetError
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    gone = sorted((root / "train").glob("*.png"))[-1]
+    gone.unlink()
+    with pytest.raises(DatasetError, match=f"{gone}: image file not found \\(1 of 8 images"):
+        train(tiny_cfg(f"data.root={root}", "train.max_iters=2"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_resume_with_another_global_batch_is_refused(tiny_cfg) -> None:
     first = train(tiny_cfg("train.max_iters=1"))
     with pytest.raises(ConfigError, match="global batch 2.*this run has 1"):

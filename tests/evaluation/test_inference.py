@@ -181,3 +181,18 @@ def test_impossible_test_configs_are_config_errors() -> None:
         check_test_config(load_config(None, ["test.tta.box_merge=mean"]), tta=True)
     with pytest.raises(ConfigError, match=r"test\.images_per_device: expected >= 1, got 0"):
         check_test_config(load_config(None, ["test.images_per_device=0"]))
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_missing_image_fails_before_any_prediction(setup: dict, tmp_path: Path, tiny_inference_config, tta) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(setup["root"], root, ignore=shutil.ignore_patterns("run"))
+    last = sorted((root / "val").glob("*.png"))[-1]
+    last.unlink()
+    cfg = tiny_inference_config(root)
+    with pytest.raises(DatasetError, match=f"{last}: image file not found \\(1 of 5 images"):
+        evaluate_model(setup["model"], cfg, tta=tta, progress=False)
+    # Evaluating only the images that exist is fine.
+    assert "bbox" in evaluate_model(setup["model"], tiny_inference_config(root, "test.max_images=4"), progress=False)
