@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megdet.config import Config, ConfigError, config_to_dict, dump_config
 from megdet.engine.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     load_checkpoint,
     rng_state,
@@ -532,7 +533,12 @@ def _run(
         if not any(isinstance(m, CrossDeviceBatchNorm2d) for m in model.modules()):
             convert_cross_device_bn(model, cfg.model.bn_group_size or None)
     if ckpt is not None:
-        load_model_state(model, ckpt["model"], strict=True)
+        try:
+            load_model_state(model, ckpt["model"], strict=True)
+        except ValueError as e:
+            raise CheckpointError(
+                f"{ckpt_path}: {e}; resume with the model settings it was trained with ({out_dir / 'config.yaml'})"
+            ) from None
     model.to(device)
     recompute = recompute_names(model, t.sublinear_memory)
     if recompute:
@@ -563,7 +569,19 @@ def _run(
     # tiny detector step took 0.9 s in fp16 against 0.065 s in fp32 and 0.06 s in bf16 here.
     scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        saved_optimizer = ckpt.get("config", {}).get("solver", {}).get("optimizer", cfg.solver.optimizer)
+        if saved_optimizer != cfg.solver.optimizer:
+            raise ConfigError(
+                f"{ckpt_path}: was trained with solver.optimizer={saved_optimizer}, this run has"
+                f" {cfg.solver.optimizer}; resume with the same optimizer"
+            )
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:  # e.g. other trainable parameters (model.trainable_layers)
+            raise CheckpointError(
+                f"{ckpt_path}: its optimizer state does not fit this run ({e}); resume with the settings it"
+                f" was trained with ({out_dir / 'config.yaml'})"
+            ) from None
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])

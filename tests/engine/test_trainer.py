@@ -6,6 +6,7 @@ import copy
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -450,11 +451,21 @@ def test_a_missing_training_image_fails_before_the_first_step(tiny_cfg, synth_ro
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_resume_with_another_global_batch_is_refused(tiny_cfg) -> None:
+def test_resume_with_another_global_batch_model_or_optimizer_is_refused(tiny_cfg) -> None:
+    from megdet.engine.checkpoint import CheckpointError
+
     first = train(tiny_cfg("train.max_iters=1"))
     with pytest.raises(ConfigError, match="global batch 2.*this run has 1"):
         train(tiny_cfg("train.max_iters=2", "data.images_per_device=1"), resume=True)
-    assert load_checkpoint(first["checkpoint"])["iteration"] == 1
+    # One-line errors naming the checkpoint (they were a ValueError and a KeyError traceback).
+    ckpt = first["checkpoint"]
+    with pytest.raises(CheckpointError, match=f"{re.escape(ckpt)}: checkpoint does not fit the model: shape"):
+        train(tiny_cfg("train.max_iters=2", "model.fpn_channels=16"), resume=True)
+    with pytest.raises(ConfigError, match="solver.optimizer=sgd, this run has adamw"):
+        train(tiny_cfg("train.max_iters=2", "solver.optimizer=adamw"), resume=True)
+    with pytest.raises(CheckpointError, match="its optimizer state does not fit this run"):
+        train(tiny_cfg("train.max_iters=2", "model.trainable_layers=3"), resume=True)
+    assert load_checkpoint(ckpt)["iteration"] == 1
 
 
 def test_resolved_schedule_text_without_the_data(tiny_cfg, tmp_path) -> None:
