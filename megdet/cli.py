@@ -191,6 +191,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models.append(model)
         cfg = cfg or model_cfg
     assert cfg is not None
+    classes = [getattr(m, "num_classes", None) for m in models]
+    if len(set(classes)) > 1:
+        listed = ", ".join(f"{w} ({c})" for w, c in zip(args.weights, classes))
+        raise CliError(f"an ensemble needs models of the same categories; classes per checkpoint: {listed}")
     # Defaults apart per kind of evaluation, so that a TTA or ensemble run never overwrites the plain one.
     default_name = "eval" + ("_ensemble" if len(args.weights) > 1 else "") + ("_tta" if args.tta else "")
     out = Path(args.out) if args.out else Path(args.weights[0]).resolve().parent / default_name

@@ -287,7 +287,7 @@ def evaluate_model(
     """
     from megdet.data.loader import check_data_config
     from megdet.engine.distributed import all_gather_object
-    from megdet.evaluation.coco_eval import COCOEvaluator, format_eval_table
+    from megdet.evaluation.coco_eval import COCOEvaluator, EvaluationError, format_eval_table
 
     check_test_config(cfg, tta)
     check_data_config(cfg)
@@ -327,15 +327,18 @@ def evaluate_model(
             if tta
             else [View(cfg.data.min_size_test, cfg.data.max_size_test, False)]
         )
-        predictor = MultiViewPredictor(
-            models,
-            views,
-            keypoint_flip_map=dataset.keypoint_flip_map if keypoints_on else None,
-            box_merge=t.box_merge,
-            iou_thresh=cfg.model.roi.nms_thresh,
-            detections_per_img=cfg.model.roi.detections_per_img,
-            size_divisibility=cfg.data.size_divisibility,
-        )
+        try:
+            predictor = MultiViewPredictor(
+                models,
+                views,
+                keypoint_flip_map=dataset.keypoint_flip_map if keypoints_on else None,
+                box_merge=t.box_merge,
+                iou_thresh=cfg.model.roi.nms_thresh,
+                detections_per_img=cfg.model.roi.detections_per_img,
+                size_divisibility=cfg.data.size_divisibility,
+            )
+        except ValueError as e:  # models that cannot form an ensemble: bad input, one line
+            raise EvaluationError(str(e)) from None
 
     was_training = [m.training for m in models]
     for m in models:

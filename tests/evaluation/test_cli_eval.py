@@ -199,6 +199,16 @@ def test_eval_ensemble_with_tta(setup: dict, tmp_path: Path, capsys: pytest.Capt
     assert "TTA ensemble of 2" in capsys.readouterr().out
 
 
+def test_an_ensemble_of_different_categories_is_one_line(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture, tiny: list[str]
+) -> None:
+    other = tmp_path / "other.pt"
+    cfg = load_config(None, [f"data.root={setup['root']}", *tiny, "model.num_classes=3"])
+    save_checkpoint(other, {"model": build_model(cfg).state_dict(), "config": config_to_dict(cfg)})
+    err = _one_line_error(capsys, main(["eval", "--weights", str(setup["ckpt"]), "--weights", str(other)]))
+    assert f"classes per checkpoint: {setup['ckpt']} ({setup['cfg'].model.num_classes}), {other} (3)" in err
+
+
 def test_eval_with_a_config_that_does_not_fit_is_one_line(
     setup: dict, capsys: pytest.CaptureFixture, tiny: list[str]
 ) -> None:
