@@ -90,7 +90,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.nproc > 1 and not _in_worker():
         from megdet.engine.distributed import launch_local
+        from megdet.engine.trainer import check_train_config
 
+        check_train_config(cfg, args.nproc)  # one line here rather than the same error from every worker
         return launch_local(args.nproc, _strip_nproc(args.raw_argv))
     from megdet.engine.trainer import NonFiniteLossError, train
 

@@ -74,6 +74,21 @@ def test_impossible_model_and_solver_values_are_one_line(tmp_path: Path, capsys:
         assert capsys.readouterr().err.strip() == message
 
 
+def test_nproc_checks_the_config_before_starting_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import megdet.engine.distributed as distributed
+
+    monkeypatch.setattr(distributed, "launch_local", lambda *a, **k: pytest.fail("workers were started"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["train", "--nproc", "3", f"train.out_dir={tmp_path}", "model.norm=CrossDeviceBN", "model.bn_group_size=2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "megdet: error: model.bn_group_size=2: the world size 3 is not divisible by it; choose a divisor of 3"
+        " (0 = all ranks)"
+    )
+
+
 def test_overrides_before_and_after_options(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["train", "model.backbone=resnet34", "--print-config", "--nproc", "4", "solver.base_lr=0.01",
             "--out", "runs/x", "model.backbone=resnet50"]  # fmt: skip

@@ -92,9 +92,17 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
-def check_train_config(cfg: Config) -> None:
-    """One-line ConfigErrors for train.*, solver.* and model.* values that cannot work, raised before
-    any data is read or layer built."""
+def check_train_config(cfg: Config, world_size: int | None = None) -> None:
+    """One-line ConfigErrors for train.*, solver.*, model.*, data.* and test.* values that cannot work,
+    raised before any data is read or layer built; with ``world_size``, also those that cannot work on
+    that many devices (the local launcher checks them before it starts any worker)."""
+    group_size = cfg.model.bn_group_size
+    cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
+    if world_size is not None and cross_device and group_size > 0 and world_size % group_size:
+        raise ConfigError(
+            f"model.bn_group_size={group_size}: the world size {world_size} is not divisible by it;"
+            f" choose a divisor of {world_size} (0 = all ranks)"
+        )
     from megdet.data.loader import check_data_config
     from megdet.evaluation.inference import check_test_config
     from megdet.modeling.detector import check_model_config
@@ -503,13 +511,7 @@ def _run(
     t = cfg.train
     main = rank == 0
     out_dir = Path(t.out_dir)
-    group_size = cfg.model.bn_group_size
-    cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
-    if cross_device and group_size > 0 and world % group_size:
-        raise ConfigError(
-            f"model.bn_group_size={group_size}: the world size {world} is not divisible by it;"
-            f" choose a divisor of {world} (0 = all ranks)"
-        )
+    check_train_config(cfg, world)
     manager = CheckpointManager(out_dir, keep=t.keep_checkpoints)
 
     # ---- where to start -------------------------------------------------------------------------
