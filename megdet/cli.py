@@ -175,6 +175,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not _in_worker():
         from megdet.engine.distributed import launch_local
 
+        # What can be checked without loading a model is checked once here, not by every worker.
+        for weights in args.weights:
+            if not Path(weights).is_file():
+                raise CliError(f"{weights}: checkpoint file not found")
+        if args.config:
+            load_config(args.config, args.overrides)
         return launch_local(args.nproc, _strip_nproc(args.raw_argv))
     import torch.distributed as dist
 

@@ -184,6 +184,18 @@ def test_eval_nproc_starts_the_local_launcher(setup: dict, monkeypatch: pytest.M
     assert calls == [(3, ["eval", "--weights", str(setup["ckpt"]), "--tta", "test.max_images=2"])]
 
 
+def test_eval_nproc_with_a_missing_checkpoint_is_one_line_before_any_worker(
+    setup: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import megdet.engine.distributed as distributed
+
+    monkeypatch.setattr(distributed, "launch_local", lambda n, argv: pytest.fail("workers were started"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    missing = str(setup["root"] / "nope.pt")
+    err = _one_line_error(capsys, main(["eval", "--weights", str(setup["ckpt"]), "--weights", missing, "--nproc", "2"]))
+    assert err == f"megdet: error: {missing}: checkpoint file not found"
+
+
 def test_eval_ensemble_with_tta(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # A copy of the checkpoint in its own folder, for the default output folder next to it.
     ckpt = tmp_path / "run" / "model.pt"
