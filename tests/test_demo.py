@@ -104,3 +104,12 @@ def test_run_demo_writes_report_plots_examples_and_evaluations(tmp_path: Path) -
     assert len(list((out / "examples").glob("*.png"))) == 1
     assert (out / "train" / "model_0000001.pt").is_file()
     assert not (out / "train" / "model_0000003.pt").exists()
+
+
+def test_a_bad_override_stops_the_demo_before_it_touches_anything(tmp_path: Path) -> None:
+    from megdet.config import ConfigError
+
+    (tmp_path / "out" / "eval").mkdir(parents=True)  # a previous demo's output stays
+    with pytest.raises(ConfigError, match="model.bn_group_size=2: the world size 3 is not divisible"):
+        run_demo(out_dir=tmp_path / "out", nproc=3, overrides=[f"data.root={tmp_path / 'data'}", "model.bn_group_size=2"])
+    assert (tmp_path / "out" / "eval").is_dir() and not (tmp_path / "data").exists()
