@@ -96,6 +96,14 @@ def check_train_config(cfg: Config, world_size: int | None = None) -> None:
     """One-line ConfigErrors for train.*, solver.*, model.*, data.* and test.* values that cannot work,
     raised before any data is read or layer built; with ``world_size``, also those that cannot work on
     that many devices (the local launcher checks them before it starts any worker)."""
+    from megdet.data.loader import check_data_config
+    from megdet.evaluation.inference import check_test_config
+    from megdet.modeling.detector import check_model_config
+
+    check_model_config(cfg)
+    check_data_config(cfg)
+    check_solver_config(cfg.solver)
+    check_test_config(cfg)
     group_size = cfg.model.bn_group_size
     cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
     if world_size is not None and cross_device and group_size > 0 and world_size % group_size:
@@ -103,15 +111,9 @@ def check_train_config(cfg: Config, world_size: int | None = None) -> None:
             f"model.bn_group_size={group_size}: the world size {world_size} is not divisible by it;"
             f" choose a divisor of {world_size} (0 = all ranks)"
         )
-    from megdet.data.loader import check_data_config
-    from megdet.evaluation.inference import check_test_config
-    from megdet.modeling.detector import check_model_config
-
-    check_solver_config(cfg.solver)
-    check_model_config(cfg)
-    check_data_config(cfg)
-    check_test_config(cfg)
     t = cfg.train
+    if t.max_iters == 0 or t.max_iters < -1:
+        raise ConfigError(f"train.max_iters: expected -1 (from solver.epochs) or >= 1, got {t.max_iters}")
     if t.amp not in AMP_MODES:
         raise ConfigError(f"train.amp: unknown mode '{t.amp}'; choose one of {', '.join(AMP_MODES)}")
     if t.sublinear_memory not in SUBLINEAR_MODES:
