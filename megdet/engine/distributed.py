@@ -221,6 +221,10 @@ def launch_local(nproc: int, argv: Sequence[str], script: str | None = None) -> 
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"megdet: worker {rank} of {nproc} failed with exit code {failure.exitcode}", file=sys.stderr)
+        if failure.exitcode == 128 + signal.SIGTERM:  # `megdet train` after saving on SIGTERM
+            print(f"megdet: worker {rank} of {nproc} stopped on SIGTERM (exit code {failure.exitcode}); a"
+                  " training run saved a checkpoint: continue with --resume", file=sys.stderr)
+        else:
+            print(f"megdet: worker {rank} of {nproc} failed with exit code {failure.exitcode}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0

@@ -156,6 +156,12 @@ def test_launch_local_reports_a_failing_worker(tmp_path, capsys) -> None:
     code = launch_local(2, [], script=str(script))
     assert code == 3
     assert "worker 1 of 2 failed with exit code 3" in capsys.readouterr().err
+    # 143: what `megdet train` exits with after saving on SIGTERM -- not a failure to report as one.
+    script.write_text("import os, sys\nsys.exit(143 if os.environ['RANK'] == '1' else 0)\n")
+    assert launch_local(2, [], script=str(script)) == 143
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("megdet:")]
+    assert ours == ["megdet: worker 1 of 2 stopped on SIGTERM (exit code 143); a training run saved a checkpoint:"
+                    " continue with --resume"]
 
 
 LAUNCHER = textwrap.dedent(
@@ -163,7 +169,7 @@ LAUNCHER = textwrap.dedent(
     import sys
     from megdet.engine.distributed import launch_local
 
-    sys.exit(launch_local(2, [sys.argv[1]], script=sys.argv[2]))
+    sys.exit(launch_local(2, sys.argv[1:2] + sys.argv[3:], script=sys.argv[2]))
     """
 )
 
@@ -202,6 +208,52 @@ def test_sigterm_to_the_launcher_lets_workers_finish_and_is_one_line(tmp_path, s
     assert lines == ["megdet: stopped by SIGTERM; the 2 workers were stopped (a training run saves a checkpoint"
                      " on SIGTERM: continue with --resume)"]
     assert "Traceback" not in stderr
+
+
+PID_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    from megdet.config import load_config
+    from megdet.engine.trainer import train
+
+    out = sys.argv[2]
+    with open(os.path.join(out, "pid_" + os.environ["RANK"]), "w") as f:
+        f.write(str(os.getpid()))
+    summary = train(load_config(sys.argv[1]))
+    with open(os.path.join(out, "summary_" + os.environ["RANK"] + ".json"), "w") as f:
+        json.dump({k: summary[k] for k in ("iteration", "interrupted", "checkpoint")}, f)
+    """
+)
+
+
+def test_sigterm_to_one_worker_stops_every_rank_at_one_checkpoint(tiny_cfg, tmp_path, signal_when_ready) -> None:
+    # A preempted node signals only its own processes: the stop flag travels in the iteration's
+    # all-reduce, so every rank stops after the same iteration and they save one checkpoint together.
+    import signal
+    import subprocess
+
+    cfg = tiny_cfg("model.norm=CrossDeviceBN", "data.images_per_device=1", "train.max_iters=500",
+                   "train.checkpoint_period=1000")  # fmt: skip
+    (tmp_path / "tiny.yaml").write_text(dump_config(cfg))
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    (tmp_path / "worker.py").write_text(PID_WORKER)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "tiny.yaml"), str(tmp_path / "worker.py"),
+         str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+
+    def started() -> bool:
+        return (tmp_path / "pid_1").exists() and metrics.is_file() and bool(metrics.read_text().strip())
+
+    _, stderr = signal_when_ready(proc, started, lambda: os.kill(int((tmp_path / "pid_1").read_text()), signal.SIGTERM))
+    assert proc.returncode == 0, stderr[-2000:]
+    summaries = [json.loads((tmp_path / f"summary_{r}.json").read_text()) for r in (0, 1)]
+    k = summaries[0]["iteration"]
+    assert all(s["interrupted"] and s["iteration"] == k for s in summaries) and 1 <= k < 500
+    assert load_checkpoint(out / f"model_{k:07d}.pt")["iteration"] == k
 
 
 def test_workers_get_a_long_grace_period_after_sigterm(monkeypatch) -> None:
