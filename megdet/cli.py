@@ -199,6 +199,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models.append(model)
         cfg = cfg or model_cfg
     assert cfg is not None
+    # MultiViewPredictor refuses such an ensemble too, but only this level knows the files to name.
     classes = [getattr(m, "num_classes", None) for m in models]
     if len(set(classes)) > 1:
         listed = ", ".join(f"{w} ({c})" for w, c in zip(args.weights, classes))

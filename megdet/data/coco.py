@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -365,15 +365,15 @@ class CocoDetection(torch.utils.data.Dataset):
         """Width / height of every item, from the annotation file (no image is decoded)."""
         return (self._sizes[:, 1] / self._sizes[:, 0]).tolist()
 
-    def verify_images(self, count: int | None = None) -> None:
+    def verify_images(self, indices: Iterable[int] | None = None) -> None:
         """Raises :class:`DatasetError` naming the first image file that does not exist (and how many are
-        missing), among the first ``count`` items (all when None). One ``stat`` per image: a run checks
+        missing), among the items ``indices`` (all when None). One ``stat`` per image: a run checks
         before it starts rather than failing when the loader reaches the file."""
-        n = len(self) if count is None else min(count, len(self))
-        missing = [p for p in (self.image_path(i) for i in range(n)) if not p.is_file()]
+        checked = list(range(len(self)) if indices is None else indices)
+        missing = [p for p in (self.image_path(i) for i in checked) if not p.is_file()]
         if missing:
             raise DatasetError(
-                f"{missing[0]}: image file not found ({len(missing)} of {n} images listed in "
+                f"{missing[0]}: image file not found ({len(missing)} of {len(checked)} images listed in "
                 f"{self.instances_json} are missing from {self.image_dir})"
             )
 

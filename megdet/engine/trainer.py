@@ -104,13 +104,8 @@ def check_train_config(cfg: Config, world_size: int | None = None) -> None:
     check_data_config(cfg)
     check_solver_config(cfg.solver)
     check_test_config(cfg)
-    group_size = cfg.model.bn_group_size
-    cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
-    if world_size is not None and cross_device and group_size > 0 and world_size % group_size:
-        raise ConfigError(
-            f"model.bn_group_size={group_size}: the world size {world_size} is not divisible by it;"
-            f" choose a divisor of {world_size} (0 = all ranks)"
-        )
+    if world_size is not None:
+        _check_bn_group_size(cfg, world_size)
     t = cfg.train
     if t.max_iters == 0 or t.max_iters < -1:
         raise ConfigError(f"train.max_iters: expected -1 (from solver.epochs) or >= 1, got {t.max_iters}")
@@ -130,6 +125,16 @@ def check_train_config(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"{key}: expected >= {low}, got {value}")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip: expected >= 0 (0 disables), got {t.grad_clip}")
+
+
+def _check_bn_group_size(cfg: Config, world_size: int) -> None:
+    group_size = cfg.model.bn_group_size
+    cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
+    if cross_device and group_size > 0 and world_size % group_size:
+        raise ConfigError(
+            f"model.bn_group_size={group_size}: the world size {world_size} is not divisible by it;"
+            f" choose a divisor of {world_size} (0 = all ranks)"
+        )
 
 
 def schedule_for(cfg: Config, world_size: int, num_images: int) -> ScheduleInfo:
@@ -513,7 +518,7 @@ def _run(
     t = cfg.train
     main = rank == 0
     out_dir = Path(t.out_dir)
-    check_train_config(cfg, world)
+    _check_bn_group_size(cfg, world)  # the rest of check_train_config ran before the group was set up
     manager = CheckpointManager(out_dir, keep=t.keep_checkpoints)
 
     # ---- where to start -------------------------------------------------------------------------
@@ -553,7 +558,11 @@ def _run(
 
     # ---- data and schedule ------------------------------------------------------------------------
     dataset = build_train_dataset(cfg)
-    dataset.verify_images()  # a missing file fails now, not when the loader reaches it hours later
+    if local_rank == 0:
+        # A missing file fails now, not when the loader reaches it hours later. Every rank reads every
+        # image over the epochs, so one full check per machine (its file system) is enough; the
+        # launcher stops the other workers when this one fails.
+        dataset.verify_images()
     loader = build_train_loader(cfg, rank, world, start_iter=start_iter * t.grad_accum_steps, dataset=dataset)
     info = schedule_for(cfg, world, len(loader.dataset))
     categories = list(getattr(getattr(loader.dataset, "dataset", loader.dataset), "categories", []))

@@ -222,8 +222,8 @@ def _build_loader(cfg: Config, split: str, rank: int, world_size: int, original_
         )
     else:
         loader = build_test_loader(cfg, split, rank, world_size)
-    # Every image this evaluation reads must exist before the first one is predicted.
-    loader.dataset.verify_images(len(loader.dataset) if cfg.test.max_images <= 0 else cfg.test.max_images)
+    # Every image this rank reads (its shard) must exist before the first one is predicted.
+    loader.dataset.verify_images(loader.sampler)
     # Inference never reads the targets; skip decoding the ground-truth masks and keypoints.
     loader.dataset.with_masks = False
     loader.dataset.with_keypoints = False
