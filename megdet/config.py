@@ -12,6 +12,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -21,6 +22,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message is one line."""
+
+
+def require_at_least(checks: Iterable[tuple[str, float, float]]) -> None:
+    """ConfigError naming the first ``(key, value, low)`` whose value is below ``low``."""
+    for key, value, low in checks:
+        if value < low:
+            raise ConfigError(f"{key}: expected >= {low}, got {value}")
+
+
+def require_choice(key: str, value: str, options: Sequence[str], noun: str = "value") -> None:
+    """ConfigError naming ``key`` when ``value`` is not one of ``options``."""
+    if value not in options:
+        raise ConfigError(f"{key}: unknown {noun} '{value}'; choose one of {', '.join(options)}")
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megdet.config import Config, ConfigError
+from megdet.config import Config, ConfigError, require_at_least
 from megdet.data.coco import CocoDetection
 from megdet.data.sampler import InferenceSampler, TrainingBatchSampler
 from megdet.data.transforms import build_transforms
@@ -165,16 +165,14 @@ def check_data_config(cfg: Config) -> None:
     d = cfg.data
     if not d.min_size_train or min(d.min_size_train) < 1:
         raise ConfigError(f"data.min_size_train: expected a non-empty list of positive sizes, got {list(d.min_size_train)}")
-    for key, value, low in (
+    require_at_least((
         ("data.images_per_device", d.images_per_device, 1),
         ("data.num_workers", d.num_workers, 0),
         ("data.max_size_train", d.max_size_train, 1),
         ("data.min_size_test", d.min_size_test, 1),
         ("data.max_size_test", d.max_size_test, 1),
         ("data.size_divisibility", d.size_divisibility, 0),
-    ):
-        if value < low:
-            raise ConfigError(f"{key}: expected >= {low}, got {value}")
+    ))  # fmt: skip
     if not 0.0 <= d.flip_prob <= 1.0:
         raise ConfigError(f"data.flip_prob: expected a value in [0, 1], got {d.flip_prob}")
     for key, values in (("data.pixel_mean", d.pixel_mean), ("data.pixel_std", d.pixel_std)):

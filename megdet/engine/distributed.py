@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megdet.config import ConfigError
+from megdet.config import ConfigError, require_choice
 
 DEVICES = ("auto", "cpu", "cuda")
 SHUTDOWN_GRACE_S = 300  # seconds local workers get to stop after SIGTERM before the launcher kills them
@@ -43,8 +43,7 @@ def _env_int(name: str, default: int) -> int:
 
 def resolve_device(device: str = "auto") -> str:
     """``train.device`` -> "cpu" or "cuda"; "cuda" without a usable GPU is a one-line ConfigError."""
-    if device not in DEVICES:
-        raise ConfigError(f"train.device: unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    require_choice("train.device", device, DEVICES, "device")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megdet.config import ConfigError, SolverConfig
+from megdet.config import ConfigError, SolverConfig, require_choice
 
 WARMUP_IMAGES = 16_000
 MIN_WARMUP_ITERS = 50
@@ -121,10 +121,7 @@ def _check(cond: bool, msg: str) -> None:
 
 def _check_optimizer(s: SolverConfig) -> None:
     # Both entry points check it: build_optimizer is also called without resolve_schedule.
-    _check(
-        s.optimizer in OPTIMIZERS,
-        f"solver.optimizer: unknown optimizer '{s.optimizer}'; choose one of {', '.join(OPTIMIZERS)}",
-    )
+    require_choice("solver.optimizer", s.optimizer, OPTIMIZERS, "optimizer")
     _check(0 <= s.momentum < 1, f"solver.momentum: expected a value in [0, 1), got {s.momentum}")
     _check(s.weight_decay >= 0, f"solver.weight_decay: expected >= 0, got {s.weight_decay}")
     _check(s.weight_decay_norm >= 0, f"solver.weight_decay_norm: expected >= 0, got {s.weight_decay_norm}")
@@ -137,10 +134,7 @@ def check_solver_config(s: SolverConfig) -> None:
     """
     _check(s.base_lr > 0, f"solver.base_lr: expected > 0, got {s.base_lr}")
     _check(s.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {s.reference_batch}")
-    _check(
-        s.policy in POLICIES,
-        f"solver.policy: unknown policy '{s.policy}'; choose one of {', '.join(POLICIES)}",
-    )
+    require_choice("solver.policy", s.policy, POLICIES, "policy")
     _check_optimizer(s)
     _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
     _check(

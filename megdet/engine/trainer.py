@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from megdet.config import Config, ConfigError, config_to_dict, dump_config
+from megdet.config import Config, ConfigError, config_to_dict, dump_config, require_at_least, require_choice
 from megdet.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -109,20 +109,13 @@ def check_train_config(cfg: Config, world_size: int | None = None) -> None:
     t = cfg.train
     if t.max_iters == 0 or t.max_iters < -1:
         raise ConfigError(f"train.max_iters: expected -1 (from solver.epochs) or >= 1, got {t.max_iters}")
-    if t.amp not in AMP_MODES:
-        raise ConfigError(f"train.amp: unknown mode '{t.amp}'; choose one of {', '.join(AMP_MODES)}")
-    if t.sublinear_memory not in SUBLINEAR_MODES:
-        raise ConfigError(
-            f"train.sublinear_memory: unknown mode '{t.sublinear_memory}';"
-            f" choose one of {', '.join(SUBLINEAR_MODES)}"
-        )
-    for key, value, low in (
+    require_choice("train.amp", t.amp, AMP_MODES, "mode")
+    require_choice("train.sublinear_memory", t.sublinear_memory, SUBLINEAR_MODES, "mode")
+    require_at_least((
         ("train.grad_accum_steps", t.grad_accum_steps, 1),
         ("train.checkpoint_period", t.checkpoint_period, 1),
         ("train.log_period", t.log_period, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"{key}: expected >= {low}, got {value}")
+    ))  # fmt: skip
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip: expected >= 0 (0 disables), got {t.grad_clip}")
 
@@ -537,7 +530,7 @@ def _run(
     _seed_everything(t.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     if cfg.model.norm == "CrossDeviceBN":
-        from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d, convert_cross_device_bn
+        from megdet.layers.cross_device_bn import convert_cross_device_bn
 
         if not any(isinstance(m, CrossDeviceBatchNorm2d) for m in model.modules()):
             convert_cross_device_bn(model, cfg.model.bn_group_size or None)

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from megdet.config import Config, ConfigError, apply_overrides, config_from_dict
+from megdet.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    require_at_least,
+    require_choice,
+)
 
 # COCO's person skeleton, 1-based keypoint pairs as in person_keypoints_*.json; the fallback for
 # drawing when neither the checkpoint nor the dataset names one.
@@ -252,13 +259,11 @@ def check_test_config(cfg: Config, tta: bool = False) -> None:
     from megdet.evaluation.tta import BOX_MERGES
 
     t = cfg.test
-    if t.images_per_device < 1:
-        raise ConfigError(f"test.images_per_device: expected >= 1, got {t.images_per_device}")
+    require_at_least([("test.images_per_device", t.images_per_device, 1)])
     if tta:
         if not t.tta.min_sizes or min(t.tta.min_sizes) < 1:
             raise ConfigError(f"test.tta.min_sizes: expected a non-empty list of positive sizes, got {list(t.tta.min_sizes)}")
-        if t.tta.box_merge not in BOX_MERGES:
-            raise ConfigError(f"test.tta.box_merge: unknown value '{t.tta.box_merge}'; choose one of {', '.join(BOX_MERGES)}")
+        require_choice("test.tta.box_merge", t.tta.box_merge, BOX_MERGES)
 
 
 def evaluate_model(

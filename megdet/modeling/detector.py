@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from megdet.config import Config, ConfigError
+from megdet.config import Config, ConfigError, require_at_least, require_choice
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 from megdet.modeling.backbone import RESNETS, ResNetFPN, build_backbone, check_norm, default_head_norm
 from megdet.modeling.roi_heads import BOX_HEADS, POOLERS, BoxHead, KeypointHead, MaskHead, RoIHeads
@@ -135,14 +135,9 @@ def check_model_config(cfg: Config) -> None:
             check_norm(m.head_norm, "model.head_norm")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    choices = (
-        ("model.backbone", m.backbone, tuple(RESNETS)),
-        ("model.roi.pooler", roi.pooler, POOLERS),
-        ("model.roi.box_head", roi.box_head, BOX_HEADS),
-    )
-    for key, value, options in choices:
-        if value not in options:
-            raise ConfigError(f"{key}: unknown value '{value}'; choose one of {', '.join(options)}")
+    require_choice("model.backbone", m.backbone, tuple(RESNETS))
+    require_choice("model.roi.pooler", roi.pooler, POOLERS)
+    require_choice("model.roi.box_head", roi.box_head, BOX_HEADS)
     at_least = [
         ("model.num_classes", m.num_classes, 1),
         ("model.bn_group_size", m.bn_group_size, 0),
@@ -170,9 +165,7 @@ def check_model_config(cfg: Config) -> None:
                      ("model.roi.keypoint_pool_size", roi.keypoint_pool_size, 1),
                      ("model.roi.keypoint_head_convs", roi.keypoint_head_convs, 0),
                      ("model.roi.keypoint_head_dim", roi.keypoint_head_dim, 1)]  # fmt: skip
-    for key, value, low in at_least:
-        if value < low:
-            raise ConfigError(f"{key}: expected >= {low}, got {value}")
+    require_at_least(at_least)
     if not 0 <= m.trainable_layers <= 5:
         raise ConfigError(f"model.trainable_layers: expected 0..5, got {m.trainable_layers}")
     for key, values in (("model.rpn.anchor_sizes", r.anchor_sizes), ("model.rpn.aspect_ratios", r.aspect_ratios)):
