@@ -120,6 +120,9 @@ class ModelConfig:
     norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN, heads (FrozenBN: backbone only)
     head_norm: str = ""  # the FPN's, RPN head's and RoI heads' norm ("none" too); "" = as model.norm
     bn_group_size: int = 0  # CrossDeviceBN: ranks that share statistics (MegDet's "BN size"); 0 = all
+    # CrossDeviceBN: > 0 normalises groups of this many images of each device on their own statistics
+    # (nothing shared across devices); must divide data.images_per_device. 0 = off.
+    bn_group_images: int = 0
     trainable_layers: int = 5  # ResNet stages trained (0-5); frozen stages have no gradient
     fpn_channels: int = 256
     num_classes: int = 7  # foreground categories, background excluded
@@ -170,13 +173,21 @@ class DataConfig:
 class SolverConfig:
     """Optimiser and the large learning-rate policy.
 
-    The lr used is ``base_lr * global_batch / reference_batch`` (linear scaling), where
+    The lr used is ``base_lr`` scaled by ``global_batch / reference_batch`` (linearly for SGD, by
+    its square root for Adam-type optimizers: ``lr_scaling``), where
     global_batch = world size x data.images_per_device x train.grad_accum_steps.
     """
 
-    optimizer: str = "sgd"  # sgd (momentum) | adamw (betas 0.9/0.999; momentum unused)
-    base_lr: float = 0.02
+    optimizer: str = "sgd"  # sgd (momentum) | adamw | lars (layer-wise SGD) | lamb (layer-wise AdamW)
+    base_lr: float = 0.02  # the lr at reference_batch images per step
     reference_batch: int = 16
+    # How the lr follows global_batch / reference_batch: linear | sqrt | none | auto (linear for sgd and
+    # lars, sqrt for adamw and lamb; engine/lr_policy.py says why).
+    lr_scaling: str = "auto"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / lamb, at reference_batch
+    # adamw / lamb: also scale 1 - beta by the batch ratio (Malladi et al.'s square-root SDE rule).
+    scale_betas: bool = False
+    trust_coefficient: float = 0.02  # lars: a layer's lr is at most this x |w| / |update| (LARC clipping)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0  # norm weights and all biases (Goyal et al.)

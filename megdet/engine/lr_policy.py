@@ -3,10 +3,25 @@
 Everything is resolved once, by the pure function :func:`resolve_schedule`, into a
 :class:`ScheduleInfo`; :func:`lr_at` then gives the learning rate of any iteration.
 
-Linear scaling
-    ``global_batch = world_size x images_per_device x grad_accum_steps`` and
-    ``lr = solver.base_lr x global_batch / solver.reference_batch`` (Goyal et al. 2017; MegDet derives
-    the same rule from keeping the variance of the weight update constant).
+Scaling with the batch (``solver.lr_scaling``)
+    ``global_batch = world_size x images_per_device x grad_accum_steps``, ``k = global_batch /
+    solver.reference_batch`` and ``lr = solver.base_lr x s(k)``:
+
+    - ``linear``, ``s(k) = k``: SGD (Goyal et al. 2017; MegDet derives it from keeping the variance of
+      the weight update constant). k small steps of SGD move the weights by about the sum of k
+      gradients times the lr, which one step of the k-times larger batch matches with k times the lr.
+    - ``sqrt``, ``s(k) = sqrt(k)``: Adam-type optimizers (Malladi et al. 2022). Adam divides by the
+      gradient's running RMS, so its step does not grow with the gradient's mean the way SGD's does;
+      what a larger batch changes is the gradient *noise*, whose variance falls as 1/k. Keeping the
+      noise that the update injects per image constant, as the stochastic differential equation
+      argument of that paper does, gives the square root. Linear scaling of AdamW over-steps at large
+      batches (BENCHMARKS.md, the large-batch study).
+    - ``none``: ``s(k) = 1`` (the ablation).
+    - ``auto`` (default): linear for ``sgd`` and ``lars``, sqrt for ``adamw`` and ``lamb``.
+
+    ``solver.scale_betas`` completes Malladi et al.'s rule for Adam-type optimizers: ``1 - beta`` is
+    multiplied by k as well (clamped to [0, 1)), so that the averaging windows span the same number of
+    *images* at every batch.
 
 Length in epochs
     ``solver.epochs`` and ``solver.decay_epochs`` are in passes over the training set, so running on
@@ -52,6 +67,7 @@ Decay
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +76,15 @@ import torch
 from torch import nn
 
 from megdet.config import ConfigError, SolverConfig, require_choice
+from megdet.engine.layerwise import LAMB, LARS
 
 WARMUP_IMAGES = 16_000
 MIN_WARMUP_ITERS = 50
 MAX_WARMUP_FRACTION = 0.25
 POLICIES = ("step", "cosine")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
+SCALINGS = ("auto", "linear", "sqrt", "none")
+ADAPTIVE_OPTIMIZERS = ("adamw", "lamb")  # Adam-type: square-root scaling under lr_scaling=auto
 
 
 @dataclass
@@ -90,16 +109,30 @@ class ScheduleInfo:
     policy: str = "step"
     min_lr: float = 0.0  # cosine end value
     warmup_rule: str = ""  # how warmup_iters was chosen, in words
+    optimizer: str = "sgd"
+    lr_scaling: str = "linear"  # the rule applied (auto resolved)
+    betas: list[float] = field(default_factory=list)  # adamw / lamb: the betas used at this batch
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines: what a run prints at start-up and ``--print-config`` shows."""
         decays = ", ".join(f"{i} (x{f:g})" for i, f in zip(self.decay_iters, self.decay_factors)) or "none"
         if self.policy == "cosine":
             decays = f"cosine to {self.min_lr:.6g} at iteration {self.total_iters}"
-        return [
+        ratio = f"{self.global_batch} / {self.reference_batch}"
+        factor = {"linear": ratio, "sqrt": f"sqrt({ratio})", "none": "1"}[self.lr_scaling]
+        why = {
+            "linear": "linear scaling (Goyal et al. 2017)",
+            "sqrt": "square-root scaling for Adam-type optimizers (Malladi et al. 2022)",
+            "none": "solver.lr_scaling=none",
+        }[self.lr_scaling]
+        lines = [
             f"world size: {self.world_size} device(s) x {self.images_per_device} image(s)"
             f" x {self.grad_accum_steps} accumulation step(s) = global batch {self.global_batch}",
-            f"learning rate: {self.base_lr:g} x {self.global_batch} / {self.reference_batch} = {self.lr:.6g}",
+            f"learning rate: {self.base_lr:g} x {factor} = {self.lr:.6g} ({self.optimizer}, {why})",
+        ]
+        if self.betas:
+            lines.append(f"betas: {', '.join(f'{b:.6g}' for b in self.betas)}")
+        return lines + [
             f"iterations: {self.total_iters} total, {self.iters_per_epoch} per epoch"
             f" ({self.num_images} images, {self.epochs:.4g} epochs)",
             f"warmup: {self.warmup_iters} iterations from {self.warmup_start_lr:.6g} ({self.warmup_rule})",
@@ -122,6 +155,11 @@ def _check(cond: bool, msg: str) -> None:
 def _check_optimizer(s: SolverConfig) -> None:
     # Both entry points check it: build_optimizer is also called without resolve_schedule.
     require_choice("solver.optimizer", s.optimizer, OPTIMIZERS, "optimizer")
+    _check(
+        len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas),
+        f"solver.betas: expected two values in [0, 1), got {s.betas}",
+    )
+    _check(s.trust_coefficient > 0, f"solver.trust_coefficient: expected > 0, got {s.trust_coefficient}")
     _check(0 <= s.momentum < 1, f"solver.momentum: expected a value in [0, 1), got {s.momentum}")
     _check(s.weight_decay >= 0, f"solver.weight_decay: expected >= 0, got {s.weight_decay}")
     _check(s.weight_decay_norm >= 0, f"solver.weight_decay_norm: expected >= 0, got {s.weight_decay_norm}")
@@ -135,6 +173,7 @@ def check_solver_config(s: SolverConfig) -> None:
     _check(s.base_lr > 0, f"solver.base_lr: expected > 0, got {s.base_lr}")
     _check(s.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {s.reference_batch}")
     require_choice("solver.policy", s.policy, POLICIES, "policy")
+    require_choice("solver.lr_scaling", s.lr_scaling, SCALINGS, "lr scaling rule")
     _check_optimizer(s)
     _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
     _check(
@@ -194,7 +233,8 @@ def resolve_schedule(
     decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
 
     global_batch = world_size * images_per_device * grad_accum_steps
-    lr = s.base_lr * global_batch / s.reference_batch
+    scaling = scaling_rule(s)
+    lr = s.base_lr * batch_factor(scaling, global_batch / s.reference_batch)
     ipe = max(1, _iters_per_epoch(num_images, global_batch))
     if max_iters > 0:
         total = max_iters
@@ -237,7 +277,36 @@ def resolve_schedule(
         policy=s.policy,
         min_lr=lr * s.min_lr_factor if s.policy == "cosine" else 0.0,
         warmup_rule=rule,
+        optimizer=s.optimizer,
+        lr_scaling=scaling,
+        betas=scaled_betas(s, global_batch) if s.optimizer in ADAPTIVE_OPTIMIZERS else [],
     )
+
+
+def scaling_rule(solver_cfg: SolverConfig) -> str:
+    """``solver.lr_scaling`` with ``auto`` resolved: sqrt for Adam-type optimizers, else linear."""
+    if solver_cfg.lr_scaling != "auto":
+        return solver_cfg.lr_scaling
+    return "sqrt" if solver_cfg.optimizer in ADAPTIVE_OPTIMIZERS else "linear"
+
+
+def batch_factor(scaling: str, ratio: float) -> float:
+    """The lr multiplier of a resolved scaling rule for ``ratio = global_batch / reference_batch``."""
+    if scaling == "linear":
+        return ratio
+    if scaling == "sqrt":
+        return math.sqrt(ratio)
+    return 1.0
+
+
+def scaled_betas(solver_cfg: SolverConfig, global_batch: int) -> list[float]:
+    """Adam's betas at ``global_batch``: ``solver.betas``, or with ``solver.scale_betas`` each
+    ``1 - beta`` times the batch ratio (Malladi et al.), clamped to [0, 1 - 1e-6]."""
+    betas = [float(b) for b in solver_cfg.betas]
+    if not solver_cfg.scale_betas:
+        return betas
+    k = global_batch / solver_cfg.reference_batch
+    return [min(max(1.0 - k * (1.0 - b), 0.0), 1.0 - 1e-6) for b in betas]
 
 
 def lr_at(info: ScheduleInfo, it: int) -> float:
@@ -329,22 +398,36 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
                 continue
             seen.add(id(p))
             (no_decay if norm or name == "bias" else decay).append(p)
+    # LARS / LAMB adapt only the decayed group's rates (norm parameters and biases take plain steps).
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": weight_decay_norm},
+        {"name": "no_decay", "params": no_decay, "weight_decay": weight_decay_norm, "layerwise": False},
     ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, solver_cfg: SolverConfig, lr: float) -> torch.optim.Optimizer:
-    """``solver.optimizer``: SGD with momentum (MegDet's), or AdamW (decoupled weight decay);
-    ``solver.weight_decay_norm`` (default 0) for norm parameters and all biases."""
+def build_optimizer(
+    model: nn.Module, solver_cfg: SolverConfig, lr: float, betas: Sequence[float] | None = None
+) -> torch.optim.Optimizer:
+    """``solver.optimizer``: SGD with momentum (MegDet's), AdamW (decoupled weight decay), or their
+    layer-wise adaptive forms LARS and LAMB (:mod:`megdet.engine.layerwise`); ``solver.weight_decay_norm``
+    (default 0) for norm parameters and all biases. ``betas``: the schedule's (``ScheduleInfo.betas``,
+    which :func:`scaled_betas` derives from the batch); default ``solver.betas``."""
     _check_optimizer(solver_cfg)
     groups = param_groups(model, solver_cfg.weight_decay, solver_cfg.weight_decay_norm)
     if not groups:
         raise ConfigError("the model has no trainable parameters; check model.trainable_layers")
-    if solver_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    b1, b2 = (float(b) for b in (betas if betas else solver_cfg.betas))
+    name = solver_cfg.optimizer
+    if name in ("sgd", "adamw"):
+        for g in groups:  # torch's optimizers reject unknown keys in param groups
+            g.pop("layerwise", None)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2))
+    if name == "lamb":
+        return LAMB(groups, lr=lr, betas=(b1, b2))
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=solver_cfg.momentum, trust_coefficient=solver_cfg.trust_coefficient)
     return torch.optim.SGD(groups, lr=lr, momentum=solver_cfg.momentum)
 
 

@@ -171,7 +171,23 @@ def resolved_schedule_text(cfg: Config, world_size: int, num_images: int | None 
     info = schedule_for(cfg, world_size, num_images)
     lines += [f"#   {line}" for line in info.summary_lines()]
     lines.append(f"#   decay iterations: {info.decay_iters}")
+    lines.append(f"#   {bn_statistics_text(cfg, world_size)}")
     return "\n".join(lines)
+
+
+def bn_statistics_text(cfg: Config, world_size: int) -> str:
+    """Over how many images the backbone's BatchNorm takes its training statistics, and why."""
+    m, ipd = cfg.model, cfg.data.images_per_device
+    if m.norm == "CrossDeviceBN":
+        if m.bn_group_images > 0:
+            return (f"batch norm: statistics over groups of {m.bn_group_images} image(s) of each device"
+                    f" (model.bn_group_images; nothing shared across devices)")  # fmt: skip
+        devices = m.bn_group_size or world_size
+        return (f"batch norm: statistics over {devices * ipd} images ({devices} device(s) x {ipd}; "
+                f"model.bn_group_size={m.bn_group_size}{': all devices' if not m.bn_group_size else ''})")  # fmt: skip
+    if m.norm == "BN":
+        return f"batch norm: statistics over each device's {ipd} image(s) (model.norm=BN: per device)"
+    return f"batch norm: none with statistics (model.norm={m.norm})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -568,7 +584,7 @@ def _run(
             )
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, cfg.solver, info.lr)
+    optimizer = build_optimizer(model, cfg.solver, info.lr, betas=info.betas)
     scheduler = LRScheduler(optimizer, info, start_iter=start_iter)
     # fp16 needs loss scaling on any device. On CPU it runs too (torch's CPU autocast and GradScaler),
     # which is how the scaler's path is tested without a GPU, but most CPUs have no fp16 kernels: a

@@ -251,22 +251,33 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
         _check_group_size(group_size)
         self.group_size = group_size
+        # > 1: split each device's batch into this many groups with statistics of their own ("ghost"
+        # batches, Hoffer et al. 2017) and share nothing across devices: how the large-batch study
+        # measures small BN groups at a large batch.
+        self.local_groups = 1
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
+        extra = f", local_groups={self.local_groups}" if self.local_groups > 1 else ""
+        return f"{super().extra_repr()}, group_size={self.group_size}{extra}"
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        group = _statistics_group(self.group_size) if self.training else None
-        if group is None:
-            return super().forward(input)
-
-        # Same bookkeeping as nn.BatchNorm2d.forward (train mode).
+    def _update_factor(self) -> float:
+        """nn.BatchNorm2d's bookkeeping in training mode: count the batch, return the running-stat factor."""
         update_factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 update_factor = 1.0 / float(self.num_batches_tracked)
+        return update_factor
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if self.training and self.local_groups > 1 and input.shape[0] > 1:
+            return self._local_groups_forward(input)
+        group = _statistics_group(self.group_size) if self.training else None
+        if group is None:
+            return super().forward(input)
+
+        update_factor = self._update_factor()
         track = self.track_running_stats and self.running_mean is not None
         return _CrossDeviceBatchNormFunction.apply(
             input,
@@ -278,6 +289,26 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
             update_factor,
             group,
         )
+
+
+    def _local_groups_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Each of ``local_groups`` contiguous slices of the batch normalised with its own statistics;
+        the running statistics move towards the mean of the slices' means and unbiased variances."""
+        chunks = torch.tensor_split(input, min(self.local_groups, input.shape[0]))
+        update_factor = self._update_factor()
+        out = [
+            torch.nn.functional.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            for c in chunks
+        ]
+        if self.track_running_stats and self.running_mean is not None and update_factor != 0.0:
+            with torch.no_grad():
+                stats = [torch.var_mean(c.float(), dim=(0, 2, 3), correction=1) for c in chunks if c[:, 0].numel() > 1]
+                if stats:
+                    var = torch.stack([v for v, _ in stats]).mean(0)
+                    mean = torch.stack([m for _, m in stats]).mean(0)
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), update_factor)
+                    self.running_var.lerp_(var.to(self.running_var.dtype), update_factor)
+        return torch.cat(out)
 
 
 def convert_cross_device_bn(module: nn.Module, group_size: int | None = None) -> nn.Module:

@@ -136,11 +136,17 @@ def check_model_config(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     require_choice("model.backbone", m.backbone, tuple(RESNETS))
+    if m.bn_group_images > 0 and cfg.data.images_per_device % m.bn_group_images:
+        raise ConfigError(
+            f"model.bn_group_images={m.bn_group_images} does not divide data.images_per_device="
+            f"{cfg.data.images_per_device}; choose a divisor"
+        )
     require_choice("model.roi.pooler", roi.pooler, POOLERS)
     require_choice("model.roi.box_head", roi.box_head, BOX_HEADS)
     at_least = [
         ("model.num_classes", m.num_classes, 1),
         ("model.bn_group_size", m.bn_group_size, 0),
+        ("model.bn_group_images", m.bn_group_images, 0),
         ("model.fpn_channels", m.fpn_channels, 1),
         ("model.rpn.head_convs", r.head_convs, 1),
         ("model.rpn.batch_size_per_image", r.batch_size_per_image, 1),
@@ -191,7 +197,7 @@ def check_model_config(cfg: Config) -> None:
 def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
 
-    Returns ``{"num_classes", "bn_group_size", "max_mask_keypoint_rois", "backbone", "rpn", "box_head",
+    Returns ``{"num_classes", "bn_group_size", "bn_local_groups", "max_mask_keypoint_rois", "backbone", "rpn", "box_head",
     "mask_head", "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads
     use ``model.head_norm``, or ``default_head_norm(norm)`` when it is empty.
     """
@@ -203,6 +209,7 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     return {
         "num_classes": m.num_classes,
         "bn_group_size": m.bn_group_size or None,
+        "bn_local_groups": cfg.data.images_per_device // m.bn_group_images if m.bn_group_images > 0 else 1,
         "max_mask_keypoint_rois": roi.max_mask_keypoint_rois,
         "backbone": {
             "name": m.backbone,
@@ -277,13 +284,18 @@ def build_model_from_kwargs(kwargs: Mapping[str, Any], channels_last: bool = Fal
     kp_head = KeypointHead(in_channels=c, scales=scales, **kp_kw) if kp_kw else None
     heads = RoIHeads(box_head, mask_head, kp_head, kwargs.get("max_mask_keypoint_rois", 0))
     model = GeneralizedRCNN(backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last)
-    group_size = kwargs.get("bn_group_size")
-    if group_size:
-        # MegDet's "BN size": every cross-device BN layer shares statistics within groups of this many ranks.
-        for m in model.modules():
-            if isinstance(m, CrossDeviceBatchNorm2d):
-                m.group_size = group_size
+    set_bn_groups(model, kwargs.get("bn_group_size"), kwargs.get("bn_local_groups", 1))
     return model
+
+
+def set_bn_groups(model: nn.Module, group_size: int | None, local_groups: int = 1) -> None:
+    """MegDet's "BN size" on every cross-device BN layer: statistics shared within groups of
+    ``group_size`` ranks (None: all), or over ``local_groups`` slices of each device's batch."""
+    for m in model.modules():
+        if isinstance(m, CrossDeviceBatchNorm2d):
+            if group_size:
+                m.group_size = group_size
+            m.local_groups = local_groups
 
 
 def build_model(cfg: Config) -> GeneralizedRCNN:

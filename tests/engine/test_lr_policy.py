@@ -219,7 +219,7 @@ def test_adamw_optimizer_keeps_the_groups_and_the_scaled_lr() -> None:
     with pytest.raises(ConfigError, match="solver.optimizer: unknown optimizer 'adam'"):
         build_optimizer(model, SolverConfig(optimizer="adam"), 0.1)
     with pytest.raises(ConfigError, match="solver.optimizer"):
-        _info(2, optimizer="lamb")
+        _info(2, optimizer="adagrad")
 
 
 def test_detector_norms_and_biases_are_not_decayed() -> None:
@@ -245,3 +245,76 @@ def test_plot_schedule_writes_a_png(tmp_path) -> None:
     path = plot_schedule(_info(8, max_iters=300), tmp_path / "sub" / "lr.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# The demo recipe (configs/demo.yaml: AdamW, 0.004 at its batch of 8, 16 epochs of 1000 images) on 2
+# devices at every global batch: (peak lr, iterations, warmup iterations). AdamW follows the square root
+# of the batch ratio; warmup stays a quarter of the run, i.e. 4 epochs (4,000 images) at every batch.
+DEMO_POLICY = {
+    8: (0.004, 2000, 500),
+    16: (0.004 * math.sqrt(2), 1008, 252),  # an epoch is ceil(1000 / batch) iterations (the sampler's)
+    32: (0.008, 512, 128),
+    64: (0.004 * math.sqrt(8), 256, 64),
+    128: (0.016, 128, 32),
+}
+
+
+@pytest.mark.parametrize("batch", sorted(DEMO_POLICY))
+def test_demo_policy_from_batch_8_to_128(batch: int) -> None:
+    from megdet.engine.trainer import bn_statistics_text, schedule_for
+
+    cfg = load_config("configs/demo.yaml", [f"data.images_per_device={batch // 2}"])
+    info = schedule_for(cfg, world_size=2, num_images=1000)
+    lr, total, warmup = DEMO_POLICY[batch]
+    assert info.global_batch == batch and info.lr_scaling == "sqrt"
+    assert info.lr == pytest.approx(lr, rel=1e-12)
+    assert (info.total_iters, info.warmup_iters) == (total, warmup)
+    assert info.epochs == pytest.approx(16.0)
+    assert info.betas == [0.9, 0.999]
+    assert f"statistics over {batch} images (2 device(s) x {batch // 2}" in bn_statistics_text(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scaling", "factor"),
+    [("sgd", "auto", 4.0), ("lars", "auto", 4.0), ("adamw", "auto", 2.0), ("lamb", "auto", 2.0),
+     ("adamw", "linear", 4.0), ("sgd", "sqrt", 2.0), ("sgd", "none", 1.0), ("adamw", "none", 1.0)],
+)  # fmt: skip
+def test_lr_scaling_rules(optimizer: str, scaling: str, factor: float) -> None:
+    info = _info(32, ipd=2, optimizer=optimizer, lr_scaling=scaling)  # batch 64 = 4 x the reference 16
+    assert info.lr == pytest.approx(0.02 * factor)
+    assert info.lr_scaling == (scaling if scaling != "auto" else ("sqrt" if factor == 2.0 else "linear"))
+    line = info.summary_lines()[1]
+    assert line.startswith("learning rate: 0.02 x ") and f"= {info.lr:.6g} ({optimizer}, " in line
+
+
+def test_scaled_betas_follow_the_batch_ratio() -> None:
+    plain = _info(32, ipd=2, optimizer="adamw")
+    assert plain.betas == [0.9, 0.999]
+    k4 = _info(32, ipd=2, optimizer="adamw", scale_betas=True)  # k = 64 / 16 = 4
+    assert k4.betas == pytest.approx([0.6, 0.996])
+    half = _info(4, ipd=2, optimizer="adamw", scale_betas=True)  # k = 0.5: longer averaging windows
+    assert half.betas == pytest.approx([0.95, 0.9995])
+    huge = _info(512, ipd=2, optimizer="adamw", scale_betas=True)  # k = 64: clamped, never negative
+    assert huge.betas[0] == 0.0 and 0 < huge.betas[1] < 1
+    assert _info(32, ipd=2, optimizer="sgd", scale_betas=True).betas == []
+    assert "betas: 0.6, 0.996" in k4.summary_lines()
+
+
+def test_optimizer_takes_the_schedule_betas_and_bad_values_are_one_line_errors() -> None:
+    model = _Net()
+    opt = build_optimizer(model, SolverConfig(optimizer="adamw"), 0.01, betas=[0.6, 0.996])
+    assert all(g["betas"] == (0.6, 0.996) for g in opt.param_groups)
+    with pytest.raises(ConfigError, match=r"solver.betas: expected two values in \[0, 1\)"):
+        _info(2, optimizer="adamw", betas=[0.9, 1.0])
+    with pytest.raises(ConfigError, match="solver.lr_scaling: unknown lr scaling rule 'cubic'"):
+        _info(2, lr_scaling="cubic")
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_layerwise_optimizers_adapt_only_the_decayed_group(name: str) -> None:
+    from megdet.engine.layerwise import LAMB, LARS
+
+    model = _Net()
+    opt = build_optimizer(model, SolverConfig(optimizer=name, weight_decay=1e-4), 0.1)
+    assert isinstance(opt, LARS if name == "lars" else LAMB)
+    assert {g["name"]: g["layerwise"] for g in opt.param_groups} == {"decay": True, "no_decay": False}

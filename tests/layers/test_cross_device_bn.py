@@ -521,3 +521,52 @@ def test_detector_step_on_two_ranks_equals_one_process_with_batchnorm(spawn_rank
             torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     differs = [n for n in ref_grads if not torch.allclose(per_device[n], ref_grads[n], rtol=1e-3, atol=1e-5)]
     assert len(differs) > len(ref_grads) // 2
+
+
+def test_local_groups_normalise_each_slice_on_its_own_statistics() -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(8, 3, 5, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    layer = CrossDeviceBatchNorm2d(3, momentum=0.5).double()
+    layer.local_groups = 4  # groups of 2 images
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        layer.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    y = layer(x)
+    refs = [torch.nn.BatchNorm2d(3, momentum=0.5).double() for _ in range(4)]
+    expected = []
+    for ref, chunk in zip(refs, x.split(2)):
+        ref.load_state_dict(layer.state_dict() | {"running_mean": torch.zeros(3), "running_var": torch.ones(3)})
+        expected.append(ref(chunk))
+    assert torch.allclose(y, torch.cat(expected), atol=1e-12)
+    # Running statistics: halfway (momentum 0.5) to the mean of the slices' statistics.
+    mean = torch.stack([r.running_mean for r in refs]).mean(0)
+    var = torch.stack([r.running_var for r in refs]).mean(0)
+    assert torch.allclose(layer.running_mean, mean, atol=1e-12)
+    assert torch.allclose(layer.running_var, var, atol=1e-12)
+    assert int(layer.num_batches_tracked) == 1
+    # Gradients flow to the input and the affine parameters like per-slice BatchNorm's.
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    out = torch.cat([torch.nn.functional.batch_norm(c, None, None, w, b, True) for c in x2.split(2)])
+    out.square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-10) and torch.allclose(layer.weight.grad, w.grad, atol=1e-10)
+    # In eval mode the running statistics are used, as in any BatchNorm.
+    layer.eval()
+    assert torch.allclose(layer(x), torch.nn.functional.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False))  # fmt: skip
+
+
+def test_bn_group_images_reaches_every_layer_and_must_divide_the_device_batch() -> None:
+    from megdet.config import ConfigError, load_config
+    from megdet.modeling.detector import build_model
+
+    cfg = load_config(None, ["model.norm=CrossDeviceBN", "model.bn_group_images=2", "data.images_per_device=8",
+                             "model.fpn_channels=16", "model.roi.box_head_dim=32"])  # fmt: skip
+    layers = [m for m in build_model(cfg).modules() if isinstance(m, CrossDeviceBatchNorm2d)]
+    assert layers and all(m.local_groups == 4 for m in layers)
+    cfg.data.images_per_device = 6
+    cfg.model.bn_group_images = 4
+    with pytest.raises(ConfigError, match="model.bn_group_images=4 does not divide data.images_per_device=6"):
+        build_model(cfg)
