@@ -241,6 +241,8 @@ def prroi_pool(
     rois: Tensor,
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
+    *,
+    impl: str = "auto",
 ) -> Tensor:
     """Precise RoI Pooling: the exact average of the bilinearly interpolated map over each bin.
 
@@ -249,8 +251,12 @@ def prroi_pool(
     Returns (K, C, h, w) in the feature dtype (reduced precision accumulates in float32).
     Differentiable w.r.t. ``features`` and the RoI coordinates (the batch-index column gets zero
     gradient). Zero-area bins give 0 with zero gradients; negative RoI sizes are clamped to 0.
+
+    ``impl``: ``"auto"`` (the fused Triton kernels for float32/bfloat16/float16 CUDA tensors when
+    Triton imports, else pure PyTorch), ``"triton"`` or ``"torch"`` to force one (``"triton"`` on
+    CPU tensors needs ``TRITON_INTERPRET=1`` set before the kernels' module is imported).
     """
-    return _pool([features], rois, None, output_size, [spatial_scale])
+    return _pool([features], rois, None, output_size, [spatial_scale], impl)
 
 
 def prroi_pool_levels(
@@ -259,12 +265,14 @@ def prroi_pool_levels(
     levels: Tensor,
     output_size: int | tuple[int, int],
     spatial_scales: Sequence[float],
+    *,
+    impl: str = "auto",
 ) -> Tensor:
     """:func:`prroi_pool` of RoI k from ``features[levels[k]]`` at ``spatial_scales[levels[k]]``.
 
     The same numbers as pooling each level separately and putting the rows back in RoI order,
     without the per-level outputs and the reordering copies (FPN poolers). ``features`` share
-    N, C, dtype and device; ``levels`` is (K,) integer.
+    N, C, dtype and device; ``levels`` is (K,) integer. ``impl`` as in :func:`prroi_pool`.
     """
     if len(features) != len(spatial_scales) or len(features) == 0:
         raise ValueError(
@@ -276,7 +284,7 @@ def prroi_pool_levels(
             f"prroi_pool_levels: levels must be an integer tensor of shape ({rois.shape[0]},), "
             f"got {levels.dtype} {tuple(levels.shape)}"
         )
-    return _pool(list(features), rois, levels, output_size, list(spatial_scales))
+    return _pool(list(features), rois, levels, output_size, list(spatial_scales), impl)
 
 
 def _pool(
@@ -285,8 +293,57 @@ def _pool(
     levels: Tensor | None,
     output_size: int | tuple[int, int],
     scales: list[float],
+    impl: str = "auto",
 ) -> Tensor:
     ph, pw = _pair(output_size)
+    _check_inputs(features, rois)
+    ref = features[0]
+    use_triton = _use_triton(impl, ref)
+    n_img, c = ref.shape[:2]
+    if rois.shape[0] == 0:
+        # A view of the features keeps the empty result attached to the graph.
+        return ref[:0].reshape(0, c, ph, pw)
+    if use_triton:
+        lvl = None if levels is None else levels.to(ref.device, torch.int64)
+        with torch.no_grad():
+            checks = _value_checks(rois.detach().float(), lvl)
+        _raise_on_bad_values(checks.tolist(), n_img, len(features))  # the one host sync
+        return _triton_module().prroi_pool_triton(features, rois, lvl, (ph, pw), scales)
+    return _pool_torch(features, rois, levels, ph, pw, scales)
+
+
+_IMPLS = ("auto", "triton", "torch")
+
+
+def _triton_module():
+    """megdet.layers.prroi_pool_triton, imported on first use (Triton is slow to import and absent
+    from CPU-only installs)."""
+    from megdet.layers import prroi_pool_triton
+
+    return prroi_pool_triton
+
+
+def _triton_available() -> bool:
+    try:
+        _triton_module()
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(impl: str, ref: Tensor) -> bool:
+    """Whether ``impl`` selects the Triton kernels for features like ``ref``."""
+    if impl not in _IMPLS:
+        raise ValueError(f"prroi_pool: impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        return True
+    return ref.is_cuda and ref.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_available()
+
+
+def _check_inputs(features: list[Tensor], rois: Tensor) -> None:
+    """Shapes, dtypes and devices (no host sync)."""
     ref = features[0]
     for f in features:
         if f.dim() != 4:
@@ -308,11 +365,46 @@ def _pool(
         )
     if rois.device != ref.device:
         raise ValueError(f"prroi_pool: rois on {rois.device} but features on {ref.device}")
+
+
+def _value_checks(r: Tensor, lvl: Tensor | None) -> Tensor:
+    """(6,) on the device: any non-integer batch index, min and max batch index, any non-finite
+    coordinate, min and max level (0 without levels); read by :func:`_raise_on_bad_values`."""
+    bidx = r[:, 0]
+    lvl = torch.zeros(1, dtype=r.dtype, device=r.device) if lvl is None else lvl.to(r.dtype)
+    return torch.stack(
+        [
+            (bidx != torch.round(bidx)).any().to(r.dtype),
+            bidx.min(),
+            bidx.max(),
+            (~torch.isfinite(r[:, 1:])).any().to(r.dtype),
+            lvl.min(),
+            lvl.max(),
+        ]
+    )
+
+
+def _raise_on_bad_values(host: list[float], n_img: int, n_levels: int) -> None:
+    if host[3]:
+        raise ValueError("prroi_pool: rois contain NaN or infinite coordinates")
+    if host[0] or host[1] < 0 or host[2] > n_img - 1:
+        raise ValueError(
+            f"prroi_pool: rois[:, 0] must be integer batch indices in [0, {n_img - 1}], "
+            f"got values in [{host[1]:g}, {host[2]:g}]" + (" (non-integer)" if host[0] else "")
+        )
+    if host[4] < 0 or host[5] > n_levels - 1:
+        raise ValueError(
+            f"prroi_pool_levels: levels must be in [0, {n_levels - 1}], got [{host[4]:g}, {host[5]:g}]"
+        )
+
+
+def _pool_torch(
+    features: list[Tensor], rois: Tensor, levels: Tensor | None, ph: int, pw: int, scales: list[float]
+) -> Tensor:
+    """The pure-PyTorch path: windows of touched cells gathered in chunks, two batched matmuls."""
+    ref = features[0]
     n_img, c = ref.shape[:2]
     k = rois.shape[0]
-    if k == 0:
-        # A view of the features keeps the empty result attached to the graph.
-        return ref[:0].reshape(0, c, ph, pw)
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     dev = ref.device
 
@@ -339,28 +431,9 @@ def _pool(
             # Sort by level, then window area: chunks never mix levels and pad little.
             key = safe_lvl * int(max(f.shape[2] * f.shape[3] for f in features) + 1) + kx * ky
             order = torch.argsort(key)
-            checks = torch.stack(
-                [
-                    (bidx != torch.round(bidx)).any().to(acc),
-                    bidx.min(),
-                    bidx.max(),
-                    (~torch.isfinite(r[:, 1:].detach())).any().to(acc),
-                    lvl.min().to(acc),
-                    lvl.max().to(acc),
-                ]
-            )
+            checks = _value_checks(r.detach(), lvl)
             host = torch.cat([checks, safe_lvl[order].to(acc), kx[order].to(acc), ky[order].to(acc)]).tolist()
-        if host[3]:
-            raise ValueError("prroi_pool: rois contain NaN or infinite coordinates")
-        if host[0] or host[1] < 0 or host[2] > n_img - 1:
-            raise ValueError(
-                f"prroi_pool: rois[:, 0] must be integer batch indices in [0, {n_img - 1}], "
-                f"got values in [{host[1]:g}, {host[2]:g}]" + (" (non-integer)" if host[0] else "")
-            )
-        if host[4] < 0 or host[5] > len(features) - 1:
-            raise ValueError(
-                f"prroi_pool_levels: levels must be in [0, {len(features) - 1}], got [{host[4]:g}, {host[5]:g}]"
-            )
+        _raise_on_bad_values(host[:6], n_img, len(features))
         n_checks = 6
         lvl_sorted = [int(v) for v in host[n_checks : n_checks + k]]
         kx_sorted = [int(v) for v in host[n_checks + k : n_checks + 2 * k]]
