@@ -22,7 +22,16 @@ policy used is printed and recorded.
 
     python benchmarks/prroi_pool.py [--quick] [--threads 2]
 
-Prints a table, writes benchmarks/results/prroi_pool.json.
+CUDA (``--device cuda``): the ``prroi`` pooler takes the fused Triton kernels
+(megdet/layers/prroi_pool_triton.py); 800x1333 only by default, float32 and bfloat16 features
+(``--dtypes``; ``roialign`` pools bfloat16 in float32, as the pooler does in training). Each call is
+timed with CUDA events (GPU time from the first to the last kernel of the call) and with wall-clock
+time between two ``torch.cuda.synchronize()`` (which also counts the host's launch overhead and
+synchronisations); rounds are interleaved as on CPU, medians reported.
+
+    python benchmarks/prroi_pool.py --device cuda [--dtypes fp32,bf16] [--repeats 20]
+
+Prints a table, writes benchmarks/results/prroi_pool.json (CPU) or prroi_pool_cuda.json (CUDA).
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 # Must precede the first import of torch (OpenMP reads it when the runtime starts).
@@ -44,6 +55,7 @@ from megdet.modeling.poolers import MultiLevelPooler, assign_levels  # noqa: E40
 
 STRIDES = (4, 8, 16, 32)
 IMPLS = ("prroi", "roialign")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_inputs(
@@ -96,98 +108,216 @@ def measure(
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one measured round, no warm-up")
+def measure_cuda(
+    poolers: dict[str, MultiLevelPooler],
+    features: list[torch.Tensor],
+    boxes: list[torch.Tensor],
+    repeats: int,
+    warmup: int,
+) -> dict[str, dict[str, list[float]]]:
+    """As :func:`measure` on a GPU: per call the CUDA-event time ("gpu") and the wall-clock time
+    between two synchronisations ("wall"), in seconds."""
+    for _ in range(warmup):
+        for name in IMPLS:
+            fwd_bwd(poolers[name], features, boxes)
+    torch.cuda.synchronize()
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "gpu": []} for name in IMPLS}
+    for r in range(repeats):
+        for name in IMPLS if r % 2 == 0 else IMPLS[::-1]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            w0 = time.perf_counter()
+            start.record()
+            fwd_bwd(poolers[name], features, boxes)
+            end.record()
+            torch.cuda.synchronize()
+            times[name]["wall"].append(time.perf_counter() - w0)
+            times[name]["gpu"].append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parses "800x1333" into (800, 1333)."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command line; per-device defaults are filled in (sizes, dtypes, rounds)."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
+    parser.add_argument(
+        "--quick", action="store_true", help="one measured round (CUDA: two), minimal warm-up"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--rois-per-image", type=int, default=512)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    repeats, warmup = (1, 0) if args.quick else (5, 1)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} rounds (+{warmup} warm-up), "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY'] or '(empty: runtime default)'}",
-        flush=True,
+    parser.add_argument("--sizes", default=None, help="image sizes HxW, comma-separated "
+                        "(CPU: 800x1333,512x512; CUDA: 800x1333)")  # fmt: skip
+    parser.add_argument(
+        "--dtypes", default=None, help="feature dtypes fp32,bf16,fp16 (CPU: fp32; CUDA: fp32,bf16)"
     )
+    parser.add_argument("--output-sizes", default="7,14", help="pooled sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=None, help="measured rounds (CPU 5, CUDA 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (CPU 1, CUDA 3)")
+    parser.add_argument(
+        "--results-dir", default=None, help="where the JSON goes (default benchmarks/results)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device}")
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device}")
+    cuda = args.device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    args.sizes = [
+        parse_size(t) for t in (args.sizes or ("800x1333" if cuda else "800x1333,512x512")).split(",")
+    ]
+    names = (args.dtypes or ("fp32,bf16" if cuda else "fp32")).split(",")
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
+    args.dtypes = names
+    args.output_sizes = [int(t) for t in args.output_sizes.split(",")]
+    quick_repeats, quick_warmup = (2, 1) if cuda else (1, 0)
+    default_repeats, default_warmup = (20, 3) if cuda else (5, 1)
+    if args.repeats is None:
+        args.repeats = quick_repeats if args.quick else default_repeats
+    if args.warmup is None:
+        args.warmup = quick_warmup if args.quick else default_warmup
+    return args
 
-    settings = [("800x1333", 800, 1333), ("512x512", 512, 512)]
+
+def run_setting(
+    args: argparse.Namespace,
+    label: str,
+    size: tuple[int, int],
+    dtype_name: str,
+    measure_fn: Callable[..., Any],
+) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Table rows and JSON records of one image size and dtype, for every output size."""
+    height, width = size
+    features, boxes = make_inputs(height, width, 2, args.rois_per_image, 256, seed=0)
+    dtype = DTYPES[dtype_name]
+    features = [f.detach().to(args.device, dtype).requires_grad_(True) for f in features]
+    boxes = [b.to(args.device) for b in boxes]
+    scales = [1.0 / s for s in STRIDES]
+    per_level = torch.bincount(assign_levels(torch.cat(boxes).cpu(), 2, 5), minlength=4).tolist()
+    cuda = args.device.type == "cuda"
+    second = "gpu" if cuda else "cpu"
+    rows, results = [], []
+    for out_size in args.output_sizes:
+        poolers = {
+            name: MultiLevelPooler(out_size, scales, sampling_ratio=2, pooler_type=name) for name in IMPLS
+        }
+        times = measure_fn(poolers, features, boxes, args.repeats, args.warmup)
+        med = {name: {k: statistics.median(v) for k, v in times[name].items()} for name in IMPLS}
+        ratio_wall = med["prroi"]["wall"] / med["roialign"]["wall"]
+        ratio_second = med["prroi"][second] / med["roialign"][second]
+        row = [label, dtype_name, f"{out_size}x{out_size}", "/".join(map(str, per_level))]
+        if cuda:  # GPU time first: the number the goal is stated in
+            row += [med["prroi"]["gpu"] * 1e3, med["roialign"]["gpu"] * 1e3, ratio_second]
+            row += [med["prroi"]["wall"] * 1e3, med["roialign"]["wall"] * 1e3, ratio_wall]
+        else:
+            row += [med["prroi"]["wall"] * 1e3, med["roialign"]["wall"] * 1e3, ratio_wall]
+            row += [med["prroi"]["cpu"] * 1e3, med["roialign"]["cpu"] * 1e3, ratio_second]
+        rows.append(row)
+        results.append(
+            {
+                "setting": label,
+                "image_size": [height, width],
+                "dtype": dtype_name,
+                "output_size": out_size,
+                "rois_per_level_p2_p5": per_level,
+                "times_s": times,
+                "median_wall_s": {name: med[name]["wall"] for name in IMPLS},
+                f"median_{second}_s": {name: med[name][second] for name in IMPLS},
+                "ratio_wall_prroi_over_roialign": ratio_wall,
+                f"ratio_{second}_prroi_over_roialign": ratio_second,
+            }
+        )
+        print(
+            f"{label} {dtype_name} {out_size}x{out_size}: ratio wall {ratio_wall:.2f}, {second} {ratio_second:.2f}",
+            flush=True,
+        )
+    return rows, results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cuda = args.device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    if cuda:
+        torch.cuda.set_device(args.device)
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}, {args.repeats} rounds "
+              f"(+{args.warmup} warm-up)", flush=True)  # fmt: skip
+    else:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} rounds "
+            f"(+{args.warmup} warm-up), "
+            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY'] or '(empty: runtime default)'}",
+            flush=True,
+        )
+
     rows: list[list[Any]] = []
     results: list[dict[str, Any]] = []
-    for label, height, width in settings:
-        features, boxes = make_inputs(height, width, 2, args.rois_per_image, 256, seed=0)
-        scales = [1.0 / s for s in STRIDES]
-        per_level = torch.bincount(assign_levels(torch.cat(boxes), 2, 5), minlength=4).tolist()
-        for out_size in (7, 14):
-            poolers = {
-                name: MultiLevelPooler(out_size, scales, sampling_ratio=2, pooler_type=name) for name in IMPLS
-            }
-            times = measure(poolers, features, boxes, repeats, warmup)
-            med = {name: {k: statistics.median(v) for k, v in times[name].items()} for name in IMPLS}
-            ratio_wall = med["prroi"]["wall"] / med["roialign"]["wall"]
-            ratio_cpu = med["prroi"]["cpu"] / med["roialign"]["cpu"]
-            rows.append(
-                [
-                    label,
-                    f"{out_size}x{out_size}",
-                    "/".join(map(str, per_level)),
-                    med["prroi"]["wall"] * 1e3,
-                    med["roialign"]["wall"] * 1e3,
-                    ratio_wall,
-                    med["prroi"]["cpu"] * 1e3,
-                    med["roialign"]["cpu"] * 1e3,
-                    ratio_cpu,
-                ]
+    for height, width in args.sizes:
+        for dtype_name in args.dtypes:
+            r, res = run_setting(
+                args, f"{height}x{width}", (height, width), dtype_name, measure_cuda if cuda else measure
             )
-            results.append(
-                {
-                    "setting": label,
-                    "image_size": [height, width],
-                    "output_size": out_size,
-                    "rois_per_level_p2_p5": per_level,
-                    "times_s": times,
-                    "median_wall_s": {name: med[name]["wall"] for name in IMPLS},
-                    "median_cpu_s": {name: med[name]["cpu"] for name in IMPLS},
-                    "ratio_wall_prroi_over_roialign": ratio_wall,
-                    "ratio_cpu_prroi_over_roialign": ratio_cpu,
-                }
-            )
-            print(
-                f"{label} {out_size}x{out_size}: ratio wall {ratio_wall:.2f}, cpu {ratio_cpu:.2f}", flush=True
-            )
-        del features, boxes
+            rows += r
+            results += res
 
-    headers = [
-        "images (2 x, 256 ch)",
-        "out",
-        "RoIs P2/P3/P4/P5",
-        "prroi ms",
-        "roi_align ms",
-        "ratio",
-        "prroi cpu ms",
-        "roi_align cpu ms",
-        "cpu ratio",
-    ]
-    print_table(
-        f"Forward + backward, medians of {repeats} interleaved rounds, torch threads = {torch.get_num_threads()} "
-        "(ratio = prroi / roi_align; < 1 means PrRoIPool is faster)",
-        headers,
-        rows,
-    )
-    path = write_results(
-        "prroi_pool",
-        {
-            "description": "MultiLevelPooler forward+backward: prroi (megdet.layers.prroi_pool) vs "
-            "roialign (torchvision.ops.roi_align aligned=True, sampling_ratio=2); loss = sum of output",
-            "threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-            "repeats": repeats,
-            "warmup": warmup,
-            "rois_per_image": args.rois_per_image,
-            "channels": 256,
-            "results": results,
-        },
-    )
+    head = ["images (2 x, 256 ch)", "dtype", "out", "RoIs P2/P3/P4/P5"]
+    if cuda:
+        headers = head + ["prroi gpu ms", "roi_align gpu ms", "ratio", "prroi wall ms", "roi_align wall ms",
+                          "wall ratio"]  # fmt: skip
+        title = (
+            f"Forward + backward on {torch.cuda.get_device_name(args.device)}, medians of {args.repeats} "
+            "interleaved rounds (gpu: CUDA events; wall: between synchronisations; ratio = prroi / roi_align)"
+        )
+    else:
+        headers = head + [
+            "prroi ms",
+            "roi_align ms",
+            "ratio",
+            "prroi cpu ms",
+            "roi_align cpu ms",
+            "cpu ratio",
+        ]
+        title = (
+            f"Forward + backward, medians of {args.repeats} interleaved rounds, torch threads = "
+            f"{torch.get_num_threads()} (ratio = prroi / roi_align; < 1 means PrRoIPool is faster)"
+        )
+    print_table(title, headers, rows)
+    payload: dict[str, Any] = {
+        "description": "MultiLevelPooler forward+backward: prroi (megdet.layers.prroi_pool; on CUDA its Triton "
+        "kernels) vs roialign (torchvision.ops.roi_align aligned=True, sampling_ratio=2); loss = sum of output",
+        "device": str(args.device),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "rois_per_image": args.rois_per_image,
+        "channels": 256,
+        "results": results,
+    }
+    if cuda:
+        payload["gpu"] = torch.cuda.get_device_name(args.device)
+        payload["cuda_version"] = torch.version.cuda
+        try:
+            import triton
+
+            payload["triton_version"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        payload["threads"] = torch.get_num_threads()
+        payload["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"]
+    results_dir = Path(args.results_dir) if args.results_dir else None
+    path = write_results("prroi_pool_cuda" if cuda else "prroi_pool", payload, results_dir)
     print(f"\nwrote {path}")
+    return payload
 
 
 if __name__ == "__main__":
