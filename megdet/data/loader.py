@@ -14,16 +14,20 @@ import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megdet.config import Config, ConfigError, require_at_least
-from megdet.data.coco import CocoDetection
 from megdet.data.sampler import InferenceSampler, TrainingBatchSampler
-from megdet.data.transforms import build_transforms
+from megdet.data.transforms import Normalize, build_transforms
+
+if TYPE_CHECKING:
+    # Imported where a dataset is built: Batch and collate (benchmarks, the trainer's step) must not
+    # need pycocotools, which megdet.data.coco imports.
+    from megdet.data.coco import CocoDetection
 
 _TARGET_KEYS = ("boxes", "labels", "masks", "keypoints")
 
@@ -36,6 +40,10 @@ class Batch:
     resizing, before padding; ``original_sizes`` as stored on disk; ``targets`` in resized
     coordinates with ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64 and optionally ``masks``
     (N, h, w) uint8 and ``keypoints`` (N, K, 3) float32.
+
+    A raw batch (the trainer's loader, ``raw_images=True``) holds ``images`` as zero-padded uint8
+    pixels and the normalisation in ``pixel_mean`` / ``pixel_std``; :meth:`normalized` turns it into
+    the float batch above, on whatever device the batch is on by then.
     """
 
     images: torch.Tensor
@@ -43,6 +51,8 @@ class Batch:
     original_sizes: list[tuple[int, int]]
     image_ids: list[int]
     targets: list[dict[str, torch.Tensor]]
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -54,6 +64,39 @@ class Batch:
             original_sizes=list(self.original_sizes),
             image_ids=list(self.image_ids),
             targets=[{k: fn(v) for k, v in t.items()} for t in self.targets],
+            pixel_mean=self.pixel_mean,
+            pixel_std=self.pixel_std,
+        )
+
+    @property
+    def raw(self) -> bool:
+        """True while ``images`` are uint8 pixels still to be normalised."""
+        return self.pixel_mean is not None
+
+    def normalized(self) -> Batch:
+        """The batch with float32 images normalised as the ``Normalize`` transform does, padding zero.
+
+        A raw batch is converted where its images are (on the GPU after ``to``: a quarter of the bytes
+        cross the bus and the loader workers skip the float work); any other batch is returned as is.
+        The arithmetic is the transform's, operation for operation, so on CPU the result is bitwise
+        the batch a normalising loader gives.
+        """
+        if self.pixel_mean is None or self.pixel_std is None:
+            return self
+        images = normalize_images(self.images, self.pixel_mean, self.pixel_std)
+        height, width = images.shape[-2:]
+        for i, (h, w) in enumerate(self.image_sizes):
+            # The loader pads with zeros after normalising; padding must stay zero here too.
+            if h < height:
+                images[i, :, h:].zero_()
+            if w < width:
+                images[i, :, :h, w:].zero_()
+        return Batch(
+            images=images,
+            image_sizes=list(self.image_sizes),
+            original_sizes=list(self.original_sizes),
+            image_ids=list(self.image_ids),
+            targets=self.targets,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -65,18 +108,43 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-def collate(samples: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisibility: int = 32) -> Batch:
+def normalize_images(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) to float32: scaled to [0, 1], minus ``mean``, divided by ``std``.
+
+    The same operations, in the same order and precision, as torchvision's ``to_dtype(scale=True)``
+    and ``normalize``, which the ``Normalize`` transform calls.
+    """
+    out = images.to(torch.float32).mul_(1.0 / 255)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return out.sub_(m).div_(s)
+
+
+def collate(
+    samples: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+    size_divisibility: int = 32,
+    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> Batch:
     """Stacks transformed ``(image, target)`` samples into a :class:`Batch`, zero-padding bottom/right
-    to a common size that is a multiple of ``size_divisibility``."""
+    to a common size that is a multiple of ``size_divisibility``.
+
+    ``pixel_stats``: ``(mean, std)`` when the samples are uint8 images not yet normalised; the batch
+    then stays uint8 (a raw :class:`Batch`) and carries them for :meth:`Batch.normalized`.
+    """
     if not samples:
         raise ValueError("collate: no samples")
     images = [img for img, _ in samples]
+    if pixel_stats is not None and images[0].dtype != torch.uint8:
+        raise ValueError(f"collate: pixel_stats given for {images[0].dtype} images; expected uint8")
     max_h = max(int(img.shape[-2]) for img in images)
     max_w = max(int(img.shape[-1]) for img in images)
     if size_divisibility > 1:
         max_h = -(-max_h // size_divisibility) * size_divisibility
         max_w = -(-max_w // size_divisibility) * size_divisibility
-    padded = torch.zeros((len(images), images[0].shape[0], max_h, max_w), dtype=torch.float32)
+    dtype = torch.uint8 if pixel_stats is not None else torch.float32
+    padded = torch.zeros((len(images), images[0].shape[0], max_h, max_w), dtype=dtype)
     for i, img in enumerate(images):
         padded[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
     targets = []
@@ -89,6 +157,8 @@ def collate(samples: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisib
         original_sizes=[(int(t["orig_size"][0]), int(t["orig_size"][1])) for _, t in samples],
         image_ids=[int(t["image_id"]) for _, t in samples],
         targets=targets,
+        pixel_mean=tuple(float(v) for v in pixel_stats[0]) if pixel_stats is not None else None,
+        pixel_std=tuple(float(v) for v in pixel_stats[1]) if pixel_stats is not None else None,
     )
 
 
@@ -134,7 +204,9 @@ def _split_files(cfg: Config, split: str) -> tuple[Path, Path, Path | None]:
     return root / split, ann / f"instances_{split}.json", keypoints
 
 
-def _build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
+def _build_dataset(cfg: Config, split: str, train: bool, normalize: bool = True) -> CocoDetection:
+    from megdet.data.coco import CocoDetection
+
     image_dir, instances, keypoints = _split_files(cfg, split)
     dataset = CocoDetection(
         image_dir,
@@ -145,13 +217,22 @@ def _build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
         with_keypoints=cfg.model.keypoint_on,
     )
     flip_map = dataset.keypoint_flip_map if cfg.model.keypoint_on else None
-    dataset.transforms = build_transforms(cfg.data, train=train, flip_map=flip_map)
+    dataset.transforms = build_transforms(cfg.data, train=train, flip_map=flip_map, normalize=normalize)
     return dataset
 
 
-def build_train_dataset(cfg: Config) -> CocoDetection:
-    """The training split ``cfg.data.train_split`` with training transforms."""
-    return _build_dataset(cfg, cfg.data.train_split, train=True)
+def build_train_dataset(cfg: Config, raw_images: bool = False) -> CocoDetection:
+    """The training split ``cfg.data.train_split`` with training transforms.
+
+    ``raw_images``: the transforms stop before normalisation (uint8 images), for
+    ``build_train_loader(raw_images=True)``.
+    """
+    return _build_dataset(cfg, cfg.data.train_split, train=True, normalize=not raw_images)
+
+
+def _normalizes(dataset: Any) -> bool:
+    transforms = getattr(dataset, "transforms", None)
+    return any(isinstance(t, Normalize) for t in getattr(transforms, "transforms", []))
 
 
 def build_test_dataset(cfg: Config, split: str) -> CocoDetection:
@@ -194,14 +275,27 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 
 def build_train_loader(
-    cfg: Config, rank: int, world_size: int, start_iter: int = 0, dataset: CocoDetection | None = None
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    start_iter: int = 0,
+    dataset: CocoDetection | None = None,
+    raw_images: bool = False,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """Endless loader of :class:`Batch` es for ``rank``, starting at iteration ``start_iter``.
 
     ``dataset``: an already built :func:`build_train_dataset` (saves reading the JSON twice when the
-    caller needed it first, e.g. for ``verify_images``). ``loader.dataset.dataset`` is the CocoDetection.
+    caller needed it first, e.g. for ``verify_images``), built with the same ``raw_images``.
+    ``loader.dataset.dataset`` is the CocoDetection. ``raw_images``: yield raw batches (uint8 images;
+    call :meth:`Batch.normalized` after moving them to the device), as the trainer does. The stream is
+    otherwise the same: same samples, same augmentation. ``pin_memory``: page-locked batches, for
+    asynchronous host-to-GPU copies; None = when CUDA is available.
     """
-    dataset = dataset if dataset is not None else build_train_dataset(cfg)
+    dataset = dataset if dataset is not None else build_train_dataset(cfg, raw_images=raw_images)
+    if raw_images and _normalizes(dataset):
+        raise ValueError("build_train_loader: raw_images=True needs a dataset from "
+                         "build_train_dataset(cfg, raw_images=True)")  # fmt: skip
     sampler = TrainingBatchSampler(
         dataset.aspect_ratios(),
         images_per_device=cfg.data.images_per_device,
@@ -212,14 +306,15 @@ def build_train_loader(
         start_iter=start_iter,
     )
     workers = cfg.data.num_workers
+    stats = (tuple(cfg.data.pixel_mean), tuple(cfg.data.pixel_std)) if raw_images else None
     return DataLoader(
         SeededDataset(dataset),
         batch_sampler=SeededBatchSampler(sampler),
         num_workers=workers,
-        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
+        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility, pixel_stats=stats),
         persistent_workers=workers > 0,
         worker_init_fn=_ignore_sigterm,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         # Own generator: creating worker iterators must not consume the caller's global RNG.
         generator=torch.Generator().manual_seed(cfg.train.seed + rank),
     )

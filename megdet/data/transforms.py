@@ -158,10 +158,13 @@ class Normalize:
         return f"Normalize(mean={self.mean}, std={self.std})"
 
 
-def build_transforms(data_cfg: DataConfig, train: bool, flip_map: Sequence[int] | None = None) -> Compose:
+def build_transforms(
+    data_cfg: DataConfig, train: bool, flip_map: Sequence[int] | None = None, normalize: bool = True
+) -> Compose:
     """The train (random short side, flip) or test (fixed short side) pipeline for ``data_cfg``.
 
     ``flip_map`` is the dataset's ``keypoint_flip_map``; needed when targets carry keypoints.
+    ``normalize=False`` leaves images uint8 (the trainer normalises on its device instead).
     """
     steps: list[Callable[[Any, Target], tuple[Any, Target]]]
     if train:
@@ -170,5 +173,6 @@ def build_transforms(data_cfg: DataConfig, train: bool, flip_map: Sequence[int] 
             steps.append(RandomHorizontalFlip(data_cfg.flip_prob, flip_map))
     else:
         steps = [ResizeShortestEdge([data_cfg.min_size_test], data_cfg.max_size_test)]
-    steps.append(Normalize(data_cfg.pixel_mean, data_cfg.pixel_std))
+    if normalize:
+        steps.append(Normalize(data_cfg.pixel_mean, data_cfg.pixel_std))
     return Compose(steps)

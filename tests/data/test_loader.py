@@ -140,3 +140,40 @@ def test_impossible_data_configs_are_config_errors(override: str, message: str) 
     check_data_config(load_config(None, []))
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_data_config(load_config(None, [override]))
+
+
+def test_raw_batches_normalised_are_bitwise_the_normalising_loaders(tiny_coco):
+    # The trainer's loader yields uint8 images and normalises after the copy to its device; on CPU that
+    # must give exactly the batches of the normalising loader (CPU training stays bit-identical).
+    cfg = _cfg(tiny_coco)
+    float_batches = list(itertools.islice(iter(build_train_loader(cfg, rank=0, world_size=1)), 6))
+    raw_loader = build_train_loader(_cfg(tiny_coco, workers=2), rank=0, world_size=1, raw_images=True)
+    raw_batches = list(itertools.islice(iter(raw_loader), 6))
+    assert len({b.images.shape for b in raw_batches}) > 1
+    for f, r in zip(float_batches, raw_batches, strict=True):
+        assert r.raw and r.images.dtype == torch.uint8 and r.pixel_mean == tuple(cfg.data.pixel_mean)
+        moved = r.to("cpu")
+        assert moved.raw and moved.pixel_std == tuple(cfg.data.pixel_std)
+        n = moved.normalized()
+        assert not n.raw and n.images.dtype == torch.float32
+        _assert_same(f, n)
+        assert n.normalized() is n  # a float batch is returned as is
+    with pytest.raises(ValueError, match="raw_images=True"):
+        build_train_loader(cfg, rank=0, world_size=1, dataset=build_train_dataset(cfg), raw_images=True)
+
+
+def test_normalized_zeroes_the_padding_of_each_image():
+    samples = []
+    for i, (h, w) in enumerate([(33, 40), (20, 70)]):
+        target = {"image_id": i, "orig_size": (h, w), "boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.int64)}
+        samples.append((torch.randint(0, 256, (3, h, w), dtype=torch.uint8), target))
+    stats = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.5])
+    raw = collate(samples, size_divisibility=32, pixel_stats=stats)
+    assert raw.images.dtype == torch.uint8 and raw.images.shape == (2, 3, 64, 96)
+    out = raw.pin_memory().normalized() if torch.cuda.is_available() else raw.normalized()
+    for (img, _), (h, w), padded in zip(samples, out.image_sizes, out.images):
+        expected = (img.float() / 255 - torch.tensor(stats[0])[:, None, None]) / torch.tensor(stats[1])[:, None, None]
+        torch.testing.assert_close(padded[:, :h, :w], expected)
+        assert not padded[:, h:, :].any() and not padded[:, :, w:].any()
+    with pytest.raises(ValueError, match="expected uint8"):
+        collate([(img.float(), t) for img, t in samples], pixel_stats=stats)
