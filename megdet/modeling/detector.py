@@ -80,7 +80,8 @@ class GeneralizedRCNN(nn.Module):
                 got = "none" if targets is None else len(targets)
                 raise ValueError(f"GeneralizedRCNN: training needs one target dict per image, got {got}")
             features = self.backbone(images)
-            proposals, rpn_losses = self.rpn(images, image_sizes, features, targets)
+            # Padded proposals: the per-image counts stay on the device.
+            proposals, rpn_losses = self.rpn(images, image_sizes, features, targets, padded=True)
             _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
             return {**rpn_losses, **roi_losses}
         features = self.backbone(images)

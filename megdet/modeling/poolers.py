@@ -129,7 +129,27 @@ class MultiLevelPooler(nn.Module):
             feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio, True
         )
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+    def levels(self, boxes: Tensor) -> Tensor:
+        """The level index (int64, shape ``boxes.shape[:-1]``) each of ``boxes`` (..., 4) is pooled from."""
+        flat = assign_levels(
+            boxes.reshape(-1, 4),
+            self.min_level,
+            self.max_level,
+            self.canonical_box_size,
+            self.canonical_level,
+        )
+        return flat.view(boxes.shape[:-1])
+
+    def count_levels(self, levels: Tensor, mask: Tensor) -> Tensor:
+        """How many of the boxes where ``mask`` is set fall on each level: (num_levels,) int64."""
+        ids = torch.arange(len(self.scales), device=levels.device)
+        return ((levels[..., None] == ids) & mask[..., None]).flatten(0, -2).sum(dim=0)
+
+    def forward(
+        self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
+    ) -> Tensor:
+        """``level_counts``: how many of the boxes fall on each level (see :meth:`levels`), when the
+        caller already read them on the host; otherwise RoIAlign reads them here (one host sync)."""
         if len(features) != len(self.scales):
             raise ValueError(
                 f"MultiLevelPooler: got {len(features)} feature maps but {len(self.scales)} scales"
@@ -160,22 +180,31 @@ class MultiLevelPooler(nn.Module):
             # One level (or nothing to pool): no assignment needed; an empty result stays attached
             # to the graph because both poolers return it from their own op.
             return self._pool(ref, rois, self.scales[0])
-        levels = assign_levels(
-            rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
-        )
+        levels = self.levels(rois[:, 1:])
         if self.pooler_type == "prroi":
             # One call over all levels writes every RoI straight to its row (no per-level outputs
             # to concatenate and reorder).
             return prroi_pool_levels(features, rois, levels, self.output_size, self.scales)
-        pooled: list[Tensor] = []
-        order: list[Tensor] = []
-        for lvl, (feature, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.nonzero(levels == lvl).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            pooled.append(self._pool(feature, rois[idx], scale).to(ref.dtype))
-            order.append(idx)
-        perm = torch.cat(order)
+        return self._pool_by_level(features, rois, levels, level_counts)
+
+    def _pool_by_level(
+        self, features: list[Tensor], rois: Tensor, levels: Tensor, level_counts: Sequence[int] | None
+    ) -> Tensor:
+        """RoIAlign of each level's RoIs (sorted by level, stably), back in the RoIs' order."""
+        if level_counts is None:
+            level_counts = self.count_levels(levels, torch.ones_like(levels, dtype=torch.bool)).tolist()
+        counts = [int(c) for c in level_counts]
+        if len(counts) != len(self.scales) or sum(counts) != rois.shape[0]:
+            raise ValueError(
+                f"MultiLevelPooler: level_counts {counts} do not add up to {rois.shape[0]} RoIs over "
+                f"{len(self.scales)} levels"
+            )
+        perm = torch.sort(levels, stable=True).indices
+        pooled = [
+            self._pool(feature, part, scale).to(features[0].dtype)
+            for feature, scale, part, n in zip(features, self.scales, rois[perm].split(counts), counts)
+            if n > 0
+        ]
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return _Unpermute.apply(torch.cat(pooled), perm, inverse)

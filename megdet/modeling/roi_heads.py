@@ -2,9 +2,10 @@
 
 torchvision's ``RoIHeads`` runs all three tasks in one monolithic forward; TTA and ensembles need
 each stage alone (boxes for given proposals, masks / keypoints for given boxes), so the heads here
-are separate modules with public stage methods. They reuse torchvision's building blocks: Matcher,
-BalancedPositiveNegativeSampler and BoxCoder for sampling, its head / predictor layers, and its
-Fast R-CNN, Mask R-CNN and Keypoint R-CNN losses.
+are separate modules with public stage methods. They reuse torchvision's head / predictor layers,
+BoxCoder for inference and its Mask R-CNN loss. Training follows torchvision's matching, sampling
+and Fast R-CNN / Keypoint R-CNN losses value for value, on padded per-image tensors
+(:mod:`megdet.modeling.box_ops`): the RoI heads read one small tensor of counts on the host per step.
 """
 
 from __future__ import annotations
@@ -19,17 +20,28 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import fastrcnn_loss, keypointrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as _tv_heatmaps_to_keypoints
+from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import (
     Conv2dNormActivation,
     batched_nms,
-    box_iou,
     clip_boxes_to_image,
     remove_small_boxes,
 )
 
 from megdet.modeling.backbone import norm_layer_or_none
+from megdet.modeling.box_ops import (
+    Proposals,
+    encode,
+    gather_rows,
+    masked_mean,
+    match,
+    pad_boxes,
+    pad_values,
+    pairwise_iou,
+    random_first,
+    sample_balanced,
+)
 from megdet.modeling.poolers import MultiLevelPooler
 
 POOLERS = ("roialign", "prroi")
@@ -62,7 +74,7 @@ class RoISamples:
     proposals: list[Tensor]  # (Ri, 4) sampled proposals (the GT boxes took part as proposals)
     labels: list[Tensor]  # (Ri,) int64: 0 background, 1..num_classes foreground
     matched_idxs: list[Tensor]  # (Ri,) index of the matched GT box (0 for background RoIs)
-    regression_targets: list[Tensor]  # (Ri, 4) encoded deltas towards the matched GT box
+    regression_targets: list[Tensor]  # (Ri, 4) encoded deltas towards the matched GT box (0 for background)
 
     def positives(self) -> tuple[list[Tensor], list[Tensor]]:
         """Per image: the foreground RoIs and the index of their GT box."""
@@ -71,6 +83,34 @@ class RoISamples:
             [p[k] for p, k in zip(self.proposals, keep)],
             [m[k] for m, k in zip(self.matched_idxs, keep)],
         )
+
+
+@dataclass
+class PaddedRoISamples:
+    """The sampled RoIs of a batch, padded to (B, S, ...): the fields of :class:`RoISamples`, plus
+    ``valid`` (B, S) with each image's sampled RoIs first (-1 labels in the unused slots)."""
+
+    proposals: Tensor
+    labels: Tensor
+    matched_idxs: Tensor
+    regression_targets: Tensor
+    valid: Tensor
+
+    def select(self, counts: Sequence[int]) -> RoISamples:
+        """The first ``counts[i]`` slots of image i (the number of valid ones, read on the host)."""
+        fields = (self.proposals, self.labels, self.matched_idxs, self.regression_targets)
+        return RoISamples(*([x[:n] for x, n in zip(f, counts)] for f in fields))
+
+
+def _labelled_keypoints(targets: list[dict[str, Tensor]]) -> Tensor:
+    """(B, G) bool, padded: whether each GT instance has at least one labelled keypoint (v > 0)."""
+    flags = [
+        (t["keypoints"][..., 2] > 0).any(dim=1)
+        if t["keypoints"].numel()
+        else torch.zeros(len(t["boxes"]), dtype=torch.bool, device=t["boxes"].device)
+        for t in targets
+    ]
+    return pad_values(flags, False)
 
 
 class BoxHead(nn.Module):
@@ -128,58 +168,76 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.predictor.cls_score.bias)
         nn.init.zeros_(self.predictor.bbox_pred.bias)
 
-        self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
-        self.sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        if bg_iou_thresh > fg_iou_thresh:
+            raise ValueError(f"BoxHead: bg_iou_thresh {bg_iou_thresh} > fg_iou_thresh {fg_iou_thresh}")
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
         self.box_coder = det_utils.BoxCoder(tuple(float(w) for w in bbox_reg_weights))
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
 
     @torch.no_grad()
-    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> RoISamples:
+    def sample(self, proposals: list[Tensor] | Proposals, targets: list[dict[str, Tensor]]) -> RoISamples:
         """Matches proposals (+ the GT boxes) to GT and samples the training RoIs of each image."""
-        all_props, all_labels, all_matched, all_gt = [], [], [], []
-        for props, target in zip(proposals, targets):
-            gt = target["boxes"].to(props.dtype)
-            props = torch.cat([props, gt])  # every object gets at least one positive RoI
-            if len(gt) == 0:
-                matched = torch.zeros(len(props), dtype=torch.int64, device=props.device)
-                labels = torch.zeros_like(matched)
-                gt = props.new_zeros((1, 4))  # regression targets of background RoIs are never used
-            else:
-                m = self.matcher(box_iou(gt, props))
-                matched = m.clamp(min=0)
-                labels = target["labels"].to(torch.int64)[matched]
-                labels[m == self.matcher.BELOW_LOW_THRESHOLD] = 0
-                labels[m == self.matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
-            all_props.append(props)
-            all_labels.append(labels)
-            all_matched.append(matched)
-            all_gt.append(gt)
+        padded = self.sample_padded(proposals, targets)
+        return padded.select(padded.valid.sum(dim=1).tolist())
 
-        pos_masks, neg_masks = self.sampler(all_labels)
-        samples = RoISamples([], [], [], [])
-        matched_boxes = []
-        for props, labels, matched, gt, pos, neg in zip(
-            all_props, all_labels, all_matched, all_gt, pos_masks, neg_masks
-        ):
-            keep = torch.where(pos.bool() | neg.bool())[0]
-            samples.proposals.append(props[keep])
-            samples.labels.append(labels[keep])
-            samples.matched_idxs.append(matched[keep])
-            matched_boxes.append(gt[matched[keep]])
-        samples.regression_targets = list(self.box_coder.encode(matched_boxes, samples.proposals))
-        return samples
+    @torch.no_grad()
+    def sample_padded(
+        self, proposals: list[Tensor] | Proposals, targets: list[dict[str, Tensor]]
+    ) -> PaddedRoISamples:
+        """:meth:`sample` without reading anything on the host: (B, S) slots, S the sampling budget.
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Class logits (R, C+1) and per-class box deltas (R, (C+1)*4) for all images' boxes, float32."""
-        x = self.pooler(features[: self.num_levels], boxes)
+        torchvision's rules: the GT boxes join the proposals, IoU >= ``fg_iou_thresh`` is foreground,
+        below ``bg_iou_thresh`` background; ``batch_size_per_image`` RoIs, at most
+        ``positive_fraction`` of them foreground, each set a uniform random subset.
+        """
+        if not isinstance(proposals, Proposals):
+            proposals = Proposals.from_list(list(proposals))
+        gt, gt_valid = pad_boxes([t["boxes"].to(proposals.boxes.dtype) for t in targets])
+        boxes = torch.cat([proposals.boxes, gt], dim=1)  # every object gets at least one positive RoI
+        valid = torch.cat([proposals.valid, gt_valid], dim=1)
+        if gt.shape[1] == 0:  # no object in the whole batch
+            gt = boxes.new_zeros((len(targets), 1, 4))
+            matches = torch.full(valid.shape, -1, dtype=torch.int64, device=valid.device)
+            labels = torch.zeros_like(matches)
+        else:
+            matches = match(pairwise_iou(gt, boxes), gt_valid, self.fg_iou_thresh, self.bg_iou_thresh)
+            gt_labels = pad_values([t["labels"].to(torch.int64) for t in targets], 0)
+            labels = torch.where(matches >= 0, gt_labels.gather(1, matches.clamp(min=0)), 0)
+        # Between the thresholds, or padding: never sampled.
+        labels = torch.where((matches == -2) | ~valid, -1, labels)
+        idx, sampled = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        labels = torch.where(sampled, labels.gather(1, idx), -1)
+        matched = matches.gather(1, idx).clamp(min=0)
+        rois = gather_rows(boxes, idx)
+        regression = encode(gather_rows(gt, matched), rois, self.box_coder.weights)
+        regression = torch.where((labels > 0)[..., None], regression, 0.0)
+        return PaddedRoISamples(rois, labels, matched, regression, sampled)
+
+    def forward(
+        self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Class logits (R, C+1) and per-class box deltas (R, (C+1)*4) for all images' boxes, float32.
+
+        ``level_counts``: see :meth:`MultiLevelPooler.forward`."""
+        x = self.pooler(features[: self.num_levels], boxes, level_counts)
         logits, deltas = self.predictor(self.head(x))
         return logits.float(), deltas.float()
 
     def loss(self, logits: Tensor, deltas: Tensor, samples: RoISamples) -> dict[str, Tensor]:
-        """Cross-entropy over the sampled RoIs and smooth-L1 on the foreground ones (torchvision's)."""
-        loss_cls, loss_box = fastrcnn_loss(logits, deltas, samples.labels, samples.regression_targets)
+        """Cross-entropy over the sampled RoIs (mean) and smooth-L1 (beta 1/9) of each foreground RoI's
+        own-class deltas, summed and divided by the number of RoIs (torchvision's ``fastrcnn_loss``)."""
+        labels = torch.cat(samples.labels)
+        targets = torch.cat(samples.regression_targets)
+        loss_cls = F.cross_entropy(logits, labels)
+        n = logits.shape[0]
+        own = deltas.reshape(n, -1, 4)[torch.arange(n, device=labels.device), labels]
+        box = F.smooth_l1_loss(own, targets, beta=1 / 9, reduction="none").sum(dim=1)
+        loss_box = torch.where(labels > 0, box, 0.0).sum() / labels.numel()
         return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
     @torch.no_grad()
@@ -234,8 +292,10 @@ class MaskHead(nn.Module):
         self.predictor = MaskRCNNPredictor(width, conv_dim, num_classes + 1)
         self.mask_size = 2 * pool_size
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        x = self.pooler(features[: self.num_levels], boxes)
+    def forward(
+        self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
+    ) -> Tensor:
+        x = self.pooler(features[: self.num_levels], boxes, level_counts)
         return self.predictor(self.convs(x)).float().contiguous()
 
     def loss(
@@ -300,8 +360,10 @@ class KeypointHead(nn.Module):
         self.predictor = KeypointRCNNPredictor(width, num_keypoints)
         self.heatmap_size = 4 * pool_size
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        x = self.pooler(features[: self.num_levels], boxes)
+    def forward(
+        self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
+    ) -> Tensor:
+        x = self.pooler(features[: self.num_levels], boxes, level_counts)
         # contiguous: with channels-last weights the maps come out NHWC, and torchvision's loss uses .view
         return self.predictor(self.convs(x)).float().contiguous()
 
@@ -315,8 +377,30 @@ class KeypointHead(nn.Module):
         """torchvision's softmax-over-the-heatmap loss, averaged over the labelled keypoints (v > 0)
         that fall inside their RoI, times ``loss_weight``; 0 (finite, attached to the graph) when
         there are none."""
-        gt = [t["keypoints"] for t in targets]
-        return self.loss_weight * keypointrcnn_loss(logits, boxes, gt, matched_idxs)
+        n, k, h, w = logits.shape
+        if h != w:
+            raise ValueError(f"keypoint heatmaps must be square, got {h}x{w}")
+        kps = torch.cat([t["keypoints"][m] for t, m in zip(targets, matched_idxs)])
+        heat, valid = keypoints_to_heatmap(kps, torch.cat(boxes), h)
+        ce = F.cross_entropy(logits.reshape(n * k, h * w), heat.reshape(-1), reduction="none")
+        return self.loss_weight * masked_mean(ce, valid.reshape(-1))
+
+
+def keypoints_to_heatmap(keypoints: Tensor, rois: Tensor, heatmap_size: int) -> tuple[Tensor, Tensor]:
+    """torchvision's ``keypoints_to_heatmap`` without boolean-mask writes: for keypoints (N, K, 3) of
+    RoIs (N, 4), the flat heatmap index of each (0 where invalid) and whether it is labelled (v > 0)
+    and inside the RoI's heatmap."""
+    x0, y0 = rois[:, 0, None], rois[:, 1, None]
+    scale_x = heatmap_size / (rois[:, 2] - rois[:, 0])[:, None]
+    scale_y = heatmap_size / (rois[:, 3] - rois[:, 1])[:, None]
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    # A keypoint exactly on the RoI's right / bottom edge goes to the last heatmap cell.
+    on_x_edge = x == rois[:, 2, None]
+    on_y_edge = y == rois[:, 3, None]
+    x = torch.where(on_x_edge, heatmap_size - 1, ((x - x0) * scale_x).floor().long())
+    y = torch.where(on_y_edge, heatmap_size - 1, ((y - y0) * scale_y).floor().long())
+    valid = (x >= 0) & (y >= 0) & (x < heatmap_size) & (y < heatmap_size) & (keypoints[..., 2] > 0)
+    return (y * heatmap_size + x) * valid, valid
 
 
 def heatmaps_to_keypoints(heatmaps: Tensor, boxes: Tensor) -> Tensor:
@@ -331,10 +415,6 @@ def heatmaps_to_keypoints(heatmaps: Tensor, boxes: Tensor) -> Tensor:
     xy = xy.clone()
     xy[..., 2] = scores
     return xy
-
-
-def _zero_size(keypoints: Tensor) -> Tensor:
-    return torch.zeros((0,), dtype=torch.bool, device=keypoints.device)
 
 
 class RoIHeads(nn.Module):
@@ -366,24 +446,51 @@ class RoIHeads(nn.Module):
         self.keypoint_head = keypoint_head
         self.max_mask_keypoint_rois = max_mask_keypoint_rois
 
-    def _cap(self, boxes: list[Tensor], matched: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """At most ``max_mask_keypoint_rois`` RoIs per image, a uniform random subset (0: all).
+    def _choose(
+        self, samples: PaddedRoISamples, targets: list[dict[str, Tensor]]
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """The mask and keypoint heads' RoIs among the sampled slots, chosen on the device: per head an
+        order of the (B, S) slots with its RoIs first, and how many to take per image (B,).
 
-        The foreground RoIs of one object overlap heavily (IoU >= 0.5), while the heads' cost follows
-        the RoI count (measured on the demo config, 4 images, 1 thread: a step took 1.05 s with every
-        foreground RoI, 0.61 s without the two heads, 0.73 s with a cap of 4).
+        The mask head takes the foreground RoIs, the keypoint head those whose GT instance has a
+        labelled keypoint; ``max_mask_keypoint_rois`` > 0 keeps a uniform random subset of each set,
+        drawn independently. The foreground RoIs of one object overlap heavily (IoU >= 0.5) while
+        the heads' cost follows the RoI count, so a small cap saves most of it.
         """
         cap = self.max_mask_keypoint_rois
-        if cap <= 0:
-            return boxes, matched
-        out_b, out_m = [], []
-        for b, m in zip(boxes, matched):
-            if len(b) > cap:
-                keep = torch.randperm(len(b), device=b.device)[:cap]
-                b, m = b[keep], m[keep]
-            out_b.append(b)
-            out_m.append(m)
-        return out_b, out_m
+        foreground = samples.valid & (samples.labels > 0)
+        chosen = {}
+        if self.mask_head is not None:
+            chosen["mask"] = random_first(foreground, cap)
+        if self.keypoint_head is not None:
+            labelled = _labelled_keypoints(targets)
+            if labelled.shape[1] == 0:  # no object in the whole batch
+                labelled = torch.zeros_like(foreground)
+            else:
+                labelled = labelled.gather(1, samples.matched_idxs)
+            chosen["keypoint"] = random_first(foreground & labelled, cap)
+        return chosen
+
+    def _read_counts(
+        self, samples: PaddedRoISamples, chosen: dict[str, tuple[Tensor, Tensor]]
+    ) -> list[list[int]]:
+        """The RoI heads' one host sync per step, for every count the heads need, in one small tensor:
+        ``[sampled RoIs per image, their RoIs per pooler level]`` and the same pair for each chosen
+        set (mask, keypoint) in order."""
+        pooler = self.box_head.pooler
+        levels = pooler.levels(samples.proposals)
+        parts = [samples.valid.sum(dim=1), pooler.count_levels(levels, samples.valid)]
+        rank = torch.arange(samples.valid.shape[1], device=samples.valid.device)
+        for name, (order, count) in chosen.items():
+            pooler = getattr(self, f"{name}_head").pooler
+            levels = pooler.levels(gather_rows(samples.proposals, order))
+            parts += [count, pooler.count_levels(levels, rank < count[:, None])]
+        values = torch.cat(parts).tolist()
+        out, start = [], 0
+        for part in parts:
+            out.append(values[start : start + len(part)])
+            start += len(part)
+        return out
 
     def _check_targets(self, targets: list[dict[str, Tensor]] | None) -> list[dict[str, Tensor]]:
         if targets is None:
@@ -402,34 +509,31 @@ class RoIHeads(nn.Module):
     def forward(
         self,
         features: list[Tensor],
-        proposals: list[Tensor],
+        proposals: list[Tensor] | Proposals,
         image_sizes: ImageSizes,
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if not self.training:
+            if isinstance(proposals, Proposals):
+                proposals = proposals.to_list()
             return self.predict(features, proposals, image_sizes), {}
         targets = self._check_targets(targets)
-        samples = self.box_head.sample(proposals, targets)
-        logits, deltas = self.box_head(features, samples.proposals)
+        padded = self.box_head.sample_padded(proposals, targets)
+        chosen = self._choose(padded, targets)
+        counts = self._read_counts(padded, chosen)
+        samples = padded.select(counts[0])
+        logits, deltas = self.box_head(features, samples.proposals, level_counts=counts[1])
         losses = self.box_head.loss(logits, deltas, samples)
-        pos_boxes, pos_matched = samples.positives()
         # The mask / keypoint heads run even on zero RoIs: a cross-device BN inside them must take
         # part in its collectives on every device, and every parameter gets a (zero) gradient.
-        if self.mask_head is not None:
-            mask_boxes, mask_matched = self._cap(pos_boxes, pos_matched)
-            mask_logits = self.mask_head(features, mask_boxes)
-            losses["loss_mask"] = self.mask_head.loss(mask_logits, mask_boxes, mask_matched, targets)
-        if self.keypoint_head is not None:
-            kp_boxes, kp_matched = [], []
-            for boxes, matched, t in zip(pos_boxes, pos_matched, targets):
-                kps = t["keypoints"]
-                labelled = (kps[..., 2] > 0).any(dim=1) if len(kps) else _zero_size(kps)
-                sel = labelled[matched]
-                kp_boxes.append(boxes[sel])
-                kp_matched.append(matched[sel])
-            kp_boxes, kp_matched = self._cap(kp_boxes, kp_matched)
-            kp_logits = self.keypoint_head(features, kp_boxes)
-            losses["loss_keypoint"] = self.keypoint_head.loss(kp_logits, kp_boxes, kp_matched, targets)
+        for i, (name, (order, _)) in enumerate(chosen.items()):
+            per_image, level_counts = counts[2 + 2 * i], counts[3 + 2 * i]
+            keep = [o[:n] for o, n in zip(order, per_image)]
+            boxes = [p[k] for p, k in zip(padded.proposals, keep)]
+            matched = [m[k] for m, k in zip(padded.matched_idxs, keep)]
+            head = getattr(self, f"{name}_head")
+            head_logits = head(features, boxes, level_counts=level_counts)
+            losses[f"loss_{name}"] = head.loss(head_logits, boxes, matched, targets)
         return [], losses
 
     @torch.no_grad()

@@ -1,23 +1,37 @@
-"""Region proposal network over P2..P6: torchvision's anchors, matching, sampling, losses and NMS.
+"""Region proposal network over P2..P6: anchors, head, proposal selection, matching, sampling, losses.
 
-torchvision's ``RegionProposalNetwork`` does the anchor bookkeeping; :class:`RPN` adapts it to our
-calling convention (a padded image tensor, image sizes and a list of feature maps). The head is our
-own because torchvision's ``RPNHead`` has no norm argument.
+The anchor bookkeeping follows torchvision's ``RegionProposalNetwork`` value for value, but runs
+on the whole batch with static shapes so that a training step does not wait on the device: top-k
+per level, one NMS call for all images and levels (the only host sync, inside NMS), and matching,
+sampling and the losses as masked tensor operations (:mod:`megdet.modeling.box_ops`). The head is
+our own because torchvision's ``RPNHead`` has no norm argument.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from megdet.layers.norm import get_norm
 from megdet.modeling.backbone import check_norm
+from megdet.modeling.box_ops import (
+    Proposals,
+    decode,
+    encode,
+    gather_rows,
+    masked_mean,
+    match,
+    pad_boxes,
+    pairwise_iou,
+    sample_balanced,
+)
 
 
 class RPNHead(nn.Module):
@@ -68,12 +82,17 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
+
 class FixedStrideAnchorGenerator(AnchorGenerator):
     """torchvision's AnchorGenerator with each level's stride given rather than inferred.
 
     torchvision infers a level's stride as ``padded_size // grid_size``; for P6 (a stride-2 pool of
     P5) on images padded to a multiple of 32 whose P5 grid is odd, that gives e.g. 96 // 2 = 48
     instead of 64, so the P6 anchors would not line up with their feature cells.
+
+    Anchors are float32 (float64 for float64 features) whatever the features' dtype: in bf16 an
+    anchor corner at x = 1000 would be off by up to 4 pixels. They are built on the device from a
+    per-device copy of the cell anchors and kept for the last few feature-map sizes.
     """
 
     def __init__(
@@ -81,6 +100,7 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
         sizes: tuple[tuple[int, ...], ...],
         aspect_ratios: tuple[tuple[float, ...], ...],
         strides: Sequence[int],
+        cache_size: int = 8,
     ) -> None:
         super().__init__(sizes, aspect_ratios)
         if len(strides) != len(sizes):
@@ -89,24 +109,84 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
                 "(give one size per level, P2..P6)"
             )
         self.strides = [int(s) for s in strides]
+        self.cache_size = cache_size
+        self._cells: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        self._grids: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def grid(self, feature_maps: list[Tensor]) -> Tensor:
+        """All levels' anchors (A, 4) xyxy, level by level, each in (row, column, cell anchor)
+        order: the order of the RPN head's flattened outputs."""
+        ref = feature_maps[0]
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps)
+        key = (ref.device, dtype, sizes)
+        anchors = self._grids.get(key)
+        if anchors is None:
+            anchors = self._make_grid(sizes, ref.device, dtype)
+            self._grids[key] = anchors
+            if len(self._grids) > self.cache_size:
+                self._grids.popitem(last=False)
+        return anchors
+
+    def _make_grid(
+        self, sizes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        cells = self._cells.get((device, dtype))
+        if cells is None:  # a host-to-device copy, once per device
+            cells = [c.to(device=device, dtype=dtype) for c in self.cell_anchors]
+            self._cells[(device, dtype)] = cells
+        per_level = []
+        for (h, w), stride, base in zip(sizes, self.strides, cells):
+            shifts_x = torch.arange(0, w, dtype=torch.int32, device=device) * stride
+            shifts_y = torch.arange(0, h, dtype=torch.int32, device=device) * stride
+            shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+            shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+            per_level.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
+        return torch.cat(per_level)
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
-        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
-        strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
-        self.set_cell_anchors(dtype, device)
-        per_level = self.grid_anchors(grid_sizes, strides)
-        flat = torch.cat(per_level)
+        flat = self.grid(feature_maps)
         return [flat for _ in image_list.image_sizes]
 
 
-class RPN(nn.Module):
-    """Anchors (one size per level, shared aspect ratios) + :class:`RPNHead` + torchvision's RPN logic.
+class _RPNParts(nn.Module):
+    """The anchor generator and head under the attribute names of torchvision's
+    RegionProposalNetwork, so that checkpoints keep their ``rpn.rpn.head.*`` keys."""
 
-    ``forward(images, image_sizes, features, targets=None) -> (proposals, losses)``: proposals is one
-    (Ni, 4) xyxy tensor per image (detached); losses holds ``loss_objectness`` and
-    ``loss_rpn_box_reg`` in training and is empty in eval.
+    def __init__(self, anchor_generator: FixedStrideAnchorGenerator, head: RPNHead) -> None:
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = head
+
+
+def _flatten_levels(logits: list[Tensor], deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-level head outputs -> objectness (B, A) and deltas (B, A, 4) in anchor order."""
+    n = logits[0].shape[0]
+    obj = torch.cat([x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits], dim=1)
+    reg = torch.cat(
+        [d.view(n, -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for d in deltas],
+        dim=1,
+    )
+    return obj, reg
+
+
+class RPN(nn.Module):
+    """Anchors (one size per level, shared aspect ratios) + :class:`RPNHead` + proposal selection and losses.
+
+    ``forward(images, image_sizes, features, targets=None, padded=False) -> (proposals, losses)``:
+    proposals is one (Ni, 4) xyxy tensor per image (detached), or with ``padded`` a
+    :class:`~megdet.modeling.box_ops.Proposals` (no host sync for the per-image counts); losses holds
+    ``loss_objectness`` and ``loss_rpn_box_reg`` in training and is empty in eval.
+
+    Per image: the ``pre_nms_top_n`` best-scoring anchors of each level are decoded and clipped, boxes
+    narrower or lower than 1e-3 dropped, NMS run within each level and the ``post_nms_top_n`` best kept
+    (torchvision's rules). Training samples ``batch_size_per_image`` anchors per image
+    (``positive_fraction`` of them foreground at most) for the losses.
     """
+
+    min_size = 1e-3
+    score_thresh = 0.0
 
     def __init__(
         self,
@@ -128,6 +208,8 @@ class RPN(nn.Module):
         positive_fraction: float = 0.5,
     ) -> None:
         super().__init__()
+        if bg_iou_thresh > fg_iou_thresh:
+            raise ValueError(f"RPN: bg_iou_thresh {bg_iou_thresh} > fg_iou_thresh {fg_iou_thresh}")
         self.num_levels = len(anchor_sizes)
         anchors = FixedStrideAnchorGenerator(
             sizes=tuple((int(s),) for s in anchor_sizes),
@@ -135,17 +217,14 @@ class RPN(nn.Module):
             strides=strides,
         )
         head = RPNHead(in_channels, len(aspect_ratios), conv_depth=head_convs, norm=norm)
-        self.rpn = RegionProposalNetwork(
-            anchors,
-            head,
-            fg_iou_thresh=fg_iou_thresh,
-            bg_iou_thresh=bg_iou_thresh,
-            batch_size_per_image=batch_size_per_image,
-            positive_fraction=positive_fraction,
-            pre_nms_top_n={"training": pre_nms_top_n_train, "testing": pre_nms_top_n_test},
-            post_nms_top_n={"training": post_nms_top_n_train, "testing": post_nms_top_n_test},
-            nms_thresh=nms_thresh,
-        )
+        self.rpn = _RPNParts(anchors, head)
+        self.pre_nms_top_n = {"training": pre_nms_top_n_train, "testing": pre_nms_top_n_test}
+        self.post_nms_top_n = {"training": post_nms_top_n_train, "testing": post_nms_top_n_test}
+        self.nms_thresh = nms_thresh
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
 
     @property
     def head(self) -> RPNHead:
@@ -157,7 +236,8 @@ class RPN(nn.Module):
         image_sizes: Sequence[Sequence[int]],
         features: list[Tensor],
         targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        padded: bool = False,
+    ) -> tuple[list[Tensor] | Proposals, dict[str, Tensor]]:
         if len(features) != self.num_levels:
             raise ValueError(
                 f"RPN: got {len(features)} feature maps but model.rpn.anchor_sizes has "
@@ -165,6 +245,77 @@ class RPN(nn.Module):
             )
         if self.training and targets is None:
             raise ValueError("RPN: targets are required in training mode (call model.eval() for inference)")
-        image_list = ImageList(images, [(int(h), int(w)) for h, w in image_sizes])
-        feats = {str(i): f for i, f in enumerate(features)}
-        return self.rpn(image_list, feats, targets)
+        if len(image_sizes) != features[0].shape[0]:
+            raise ValueError(f"RPN: {features[0].shape[0]} images but {len(image_sizes)} image_sizes")
+        logits, deltas = self.rpn.head(features)
+        anchors = self.rpn.anchor_generator.grid(features)
+        level_sizes = [x.shape[1] * x.shape[2] * x.shape[3] for x in logits]
+        obj, reg = _flatten_levels(logits, deltas)
+        # The losses first: their kernels are queued before NMS makes the host wait for the device.
+        losses = self._losses(obj, reg, anchors, targets) if targets is not None and self.training else {}
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        proposals = self._proposals(obj.detach(), reg.detach(), anchors, level_sizes, sizes)
+        return (proposals if padded else proposals.to_list()), losses
+
+    def _top_per_level(self, obj: Tensor, level_sizes: list[int], top_n: int) -> tuple[Tensor, Tensor]:
+        """Indices (B, K) of each level's ``top_n`` best anchors per image and their level (K,)."""
+        idx, levels, start = [], [], 0
+        for lvl, n in enumerate(level_sizes):
+            k = min(top_n, n)
+            idx.append(obj[:, start : start + n].topk(k, dim=1).indices + start)
+            levels.append(torch.full((k,), lvl, dtype=torch.int64, device=obj.device))
+            start += n
+        return torch.cat(idx, dim=1), torch.cat(levels)
+
+    @torch.no_grad()
+    def _proposals(
+        self, obj: Tensor, reg: Tensor, anchors: Tensor, level_sizes: list[int], sizes: list[tuple[int, int]]
+    ) -> Proposals:
+        mode = "training" if self.training else "testing"
+        num_images, num_levels = obj.shape[0], len(level_sizes)
+        idx, levels = self._top_per_level(obj, level_sizes, self.pre_nms_top_n[mode])
+        scores = obj.gather(1, idx).sigmoid()
+        boxes = decode(gather_rows(reg, idx), anchors[idx], (1.0, 1.0, 1.0, 1.0))  # (B, K, 4)
+        for i, (h, w) in enumerate(sizes):
+            boxes[i, :, 0::2].clamp_(min=0, max=w)
+            boxes[i, :, 1::2].clamp_(min=0, max=h)
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        # One NMS for every (image, level) group: each group shifted by its own multiple of the
+        # largest coordinate so that no two groups overlap; dropped boxes share one extra group.
+        # float64 keeps the shifted coordinates exact.
+        group = torch.arange(num_images, device=obj.device)[:, None] * num_levels + levels
+        group = torch.where(valid, group, num_images * num_levels).to(torch.float64)
+        shifted = boxes.double() + (group * (boxes.max().double() + 1))[..., None]
+        keep = torchvision.ops.nms(shifted.view(-1, 4), scores.reshape(-1).double(), self.nms_thresh)
+        kept = torch.zeros(scores.numel(), dtype=torch.bool, device=obj.device).index_fill_(0, keep, True)
+        ranked = torch.where(kept.view_as(valid) & valid, scores, -1.0)
+        top, order = ranked.topk(min(self.post_nms_top_n[mode], ranked.shape[1]), dim=1)
+        return Proposals(gather_rows(boxes, order), top >= 0)
+
+    def _losses(
+        self, obj: Tensor, reg: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Binary cross-entropy over the sampled anchors (mean) and smooth-L1 (beta 1/9) on the sampled
+        positives, summed and divided by the number sampled (torchvision's RPN losses)."""
+        gt, gt_valid = pad_boxes([t["boxes"] for t in targets])
+        if gt.shape[1] == 0:  # no object in the whole batch: every anchor is background
+            gt = anchors.new_zeros((len(targets), 1, 4))
+            matches = torch.full(obj.shape, -1, dtype=torch.int64, device=obj.device)
+        else:
+            iou = pairwise_iou(gt, anchors.to(gt.dtype)[None])
+            matches = match(iou, gt_valid, self.fg_iou_thresh, self.bg_iou_thresh, True)
+        # 1 foreground, 0 background, -1 between the thresholds (never sampled)
+        labels = torch.where(matches >= 0, 1.0, torch.where(matches == -1, 0.0, -1.0))
+        idx, valid = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        sampled_labels = labels.gather(1, idx)
+        positive = valid & (sampled_labels > 0)
+        bce = F.binary_cross_entropy_with_logits(
+            obj.gather(1, idx), sampled_labels.clamp(min=0), reduction="none"
+        )
+        matched = gather_rows(gt, matches.gather(1, idx).clamp(min=0)).to(reg.dtype)
+        target = encode(matched, anchors[idx].to(reg.dtype), (1.0, 1.0, 1.0, 1.0))
+        target = torch.where(positive[..., None], target, 0.0)
+        box = F.smooth_l1_loss(gather_rows(reg, idx), target, beta=1 / 9, reduction="none").sum(dim=-1)
+        loss_box = torch.where(positive, box, 0.0).sum() / valid.sum().clamp(min=1)
+        return {"loss_objectness": masked_mean(bce, valid), "loss_rpn_box_reg": loss_box}

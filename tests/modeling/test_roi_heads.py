@@ -121,9 +121,9 @@ def test_keypoints_train_only_on_rois_of_instances_with_labelled_keypoints(monke
     seen: list[list[torch.Tensor]] = []
     original = heads.keypoint_head.forward
 
-    def spy(features, boxes):
+    def spy(features, boxes, **kw):
         seen.append([b.clone() for b in boxes])
-        return original(features, boxes)
+        return original(features, boxes, **kw)
 
     monkeypatch.setattr(heads.keypoint_head, "forward", spy)
     targets = _person_targets()
@@ -148,9 +148,9 @@ def test_mask_and_keypoint_rois_are_capped_per_image(monkeypatch, cap: int) -> N
     for name in seen:
         head = getattr(heads, f"{name}_head")
 
-        def spy(features, boxes, _name=name, _orig=head.forward):
+        def spy(features, boxes, _name=name, _orig=head.forward, **kw):
             seen[_name].append([b.clone() for b in boxes])
-            return _orig(features, boxes)
+            return _orig(features, boxes, **kw)
 
         monkeypatch.setattr(head, "forward", spy)
     targets = _person_targets()
