@@ -5,11 +5,17 @@ Both read the same synthetic COCO-format dataset (generated once under benchmark
 [224, 256, 288], long side <= 480, random flip, normalisation, padding to a multiple of 32,
 2 images per batch. The baseline is ``torchvision.datasets.CocoDetection`` wrapped with
 ``wrap_dataset_for_transforms_v2`` and the equivalent v2 transforms, batched by a shuffling
-DataLoader. Boxes and masks for both; megdet is also timed with keypoints on.
+DataLoader. Boxes and masks for both; megdet is also timed with keypoints on, and as ``megdet train``
+builds it (``megdet-trainer``: uint8 images, normalised later on the training device, batches in
+pinned memory where CUDA is available). ``--set`` changes the settings (e.g. the training step's image
+size and batch), ``--target-images-per-s`` (the training step's rate, e.g. from train_step.py) says
+whether the trainer's loader keeps up at each timed worker count and the fewest workers that do.
 
-    python benchmarks/data_loader.py [--quick] [--data-dir DIR]
+    python benchmarks/data_loader.py [--quick] [--data-dir DIR] [--workers 0 2]
+    python benchmarks/data_loader.py --data-dir DIR --trainer-only --workers 2 4 8 --target-images-per-s 40 \
+        --set data.min_size_train=[800] data.max_size_train=1216 data.images_per_device=8 model.mask_on=false
 
-Prints a table, writes benchmarks/results/data_loader.json.
+Prints a table, writes benchmarks/results/data_loader.json (or ``--out``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from torchvision.datasets import CocoDetection as TVCocoDetection
 from torchvision.datasets import wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from megdet.config import Config
+from megdet.config import Config, load_config
 from megdet.data.loader import build_train_loader
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -131,96 +137,130 @@ def time_loaders(
     return out
 
 
-def main() -> None:
+def _targets(cfg: Config) -> str:
+    return "boxes" + ("+masks" if cfg.model.mask_on else "") + ("+keypoints" if cfg.model.keypoint_on else "")
+
+
+def loader_makers(cfg: Config, workers: int, trainer_only: bool) -> dict[tuple[str, str], Any]:
+    """The loaders to time at ``workers`` workers: the trainer's (uint8 batches, pinned where CUDA is), and
+    unless ``trainer_only`` the normalising one, torchvision's baseline and ours with keypoints."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.num_workers = workers
+    targets = _targets(cfg)
+    makers: dict[tuple[str, str], Any] = {}
+    if not trainer_only:
+        cfg_kp = copy.deepcopy(cfg)
+        cfg_kp.model.keypoint_on = True
+        makers[("megdet", targets)] = functools.partial(build_train_loader, cfg, rank=0, world_size=1)
+        makers[("torchvision", targets)] = functools.partial(torchvision_loader, cfg, workers)
+        makers[("megdet", _targets(cfg_kp))] = functools.partial(build_train_loader, cfg_kp, rank=0, world_size=1)
+    # What `megdet train` builds: uint8 images (normalised on the device), pinned when CUDA is available.
+    makers[("megdet-trainer", targets)] = functools.partial(
+        build_train_loader, cfg, rank=0, world_size=1, raw_images=True
+    )
+    return makers
+
+
+def keeps_up(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Whether the trainer's loader delivers ``target`` images/s, per worker count, and the fewest that do."""
+    trainer = sorted((r for r in rows if r["loader"] == "megdet-trainer"), key=lambda r: r["workers"])
+    per_workers = {r["workers"]: {"images_per_s": r["images_per_s"], "keeps_up": r["images_per_s"] >= target}
+                   for r in trainer}  # fmt: skip
+    enough = [w for w, v in per_workers.items() if v["keeps_up"]]
+    return {"target_images_per_s": target, "per_workers": per_workers, "fewest_workers": min(enough) if enough else None}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (fewer images, batches and rounds)")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help="an existing COCO-layout dataset root (split 'train')"
-    )
-    parser.add_argument(
-        "--num-train", type=int, default=None, help="synthetic images to generate (default 256, quick 64)"
-    )
-    parser.add_argument(
-        "--batches", type=int, default=None, help="timed batches per round (default 40, quick 10)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed rounds per loader (default 3, quick 2)"
-    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="an existing COCO-layout dataset root (split 'train')")
+    parser.add_argument("--num-train", type=int, default=None, help="synthetic images to generate (default 256, quick 64)")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per round (default 40, quick 10)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per loader (default 3, quick 2)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="num_workers settings to time")
-    args = parser.parse_args()
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.min_size_train=[800] data.max_size_train=1216 "
+                             "data.images_per_device=8 model.mask_on=false")  # fmt: skip
+    parser.add_argument("--trainer-only", action="store_true", help="time only the loader `megdet train` builds")
+    parser.add_argument("--target-images-per-s", type=float, default=None,
+                        help="the training step's rate: report whether the trainer's loader keeps up with it")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_loader.json")
+    return parser.parse_args(argv)
+
+
+def _print(rows: list[dict[str, Any]], ratios: dict[str, float], target: dict[str, Any] | None, title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'loader':<15} {'targets':<22} {'workers':>7} {'setup s':>8} {'images/s':>9}")
+    for r in rows:
+        print(f"{r['loader']:<15} {r['targets']:<22} {r['workers']:>7} {r['setup_s']:>8.2f} {r['images_per_s']:>9.1f}")
+    for k, v in ratios.items():
+        print(f"megdet / torchvision images/s, {k}: {v:.2f}x")
+    if target is not None:
+        for w, v in target["per_workers"].items():
+            print(f"trainer's loader, {w} workers: {v['images_per_s']:.1f} images/s vs target "
+                  f"{target['target_images_per_s']:.1f}: {'keeps up' if v['keeps_up'] else 'TOO SLOW'}")  # fmt: skip
+        fewest = target["fewest_workers"]
+        print(f"fewest workers that keep up: {fewest if fewest is not None else 'none of those timed'}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Times the loaders, prints the table (and the target check), writes the JSON and returns it."""
+    args = _parse_args(argv)
     num_train = args.num_train or (64 if args.quick else 256)
     batches = args.batches or (10 if args.quick else 40)
     repeats = args.repeats or (2 if args.quick else 3)
     warmup = 2 if args.quick else 5
 
     root = ensure_dataset(args.data_dir, num_train)
-    cfg = Config()
+    cfg = load_config(None, ["model.mask_on=true", *args.set])
     cfg.data.root = str(root)
-    cfg.model.mask_on = True
 
     rows: list[dict[str, Any]] = []
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # e.g. dropped-box notes; they are not what is measured
         # (stdout: pycocotools' "loading annotations..." lines from the baseline)
         for workers in args.workers:
-            cfg.data.num_workers = workers
-            cfg_kp = copy.deepcopy(cfg)
-            cfg_kp.model.keypoint_on = True
-            makers = {
-                ("megdet", "boxes+masks"): functools.partial(build_train_loader, cfg, rank=0, world_size=1),
-                ("torchvision", "boxes+masks"): functools.partial(torchvision_loader, cfg, workers),
-                ("megdet", "boxes+masks+keypoints"): functools.partial(
-                    build_train_loader, cfg_kp, rank=0, world_size=1
-                ),
-            }
+            makers = loader_makers(cfg, workers, args.trainer_only)
             for (name, targets), r in time_loaders(makers, batches, warmup, repeats).items():
                 rows.append({"loader": name, "workers": workers, "targets": targets, **r})
 
     ratios = {}
     for workers in args.workers:
-        ours, theirs = (
-            next(
-                r for r in rows if (r["loader"], r["targets"], r["workers"]) == (name, "boxes+masks", workers)
-            )
-            for name in ("megdet", "torchvision")
-        )
-        ratios[f"workers={workers}"] = ours["images_per_s"] / theirs["images_per_s"]
+        pair = [next((r for r in rows if (r["loader"], r["targets"], r["workers"]) == (name, _targets(cfg), workers)),
+                     None) for name in ("megdet", "torchvision")]  # fmt: skip
+        if pair[0] is not None and pair[1] is not None:
+            ratios[f"workers={workers}"] = pair[0]["images_per_s"] / pair[1]["images_per_s"]
+    target = keeps_up(rows, args.target_images_per_s) if args.target_images_per_s else None
+    d = cfg.data
+    _print(rows, ratios, target, f"data loader throughput, {root} ({'quick' if args.quick else 'full'}: median of "
+           f"{repeats} rounds of {batches} batches of {d.images_per_device} images, after {warmup} warm-up "
+           f"batches; short side {list(d.min_size_train)}, long side <= {d.max_size_train})")  # fmt: skip
 
-    print()
-    print(f"data loader throughput, {root} ({'quick' if args.quick else 'full'}: median of {repeats} rounds of "
-          f"{batches} batches of {cfg.data.images_per_device} images, after {warmup} warm-up batches)")  # fmt: skip
-    print(f"{'loader':<12} {'targets':<22} {'workers':>7} {'setup s':>8} {'images/s':>9}")
-    for r in rows:
-        print(
-            f"{r['loader']:<12} {r['targets']:<22} {r['workers']:>7} {r['setup_s']:>8.2f} {r['images_per_s']:>9.1f}"
-        )
-    for k, v in ratios.items():
-        print(f"megdet / torchvision images/s, {k}: {v:.2f}x")
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "data_loader.json"
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "data_loader",
-                "quick": args.quick,
-                "dataset": str(root),
-                "batches": batches,
-                "repeats": repeats,
-                "warmup": warmup,
-                "images_per_batch": cfg.data.images_per_device,
-                "rows": rows,
-                "ratio_megdet_over_torchvision": ratios,
-                "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
-                "python": platform.python_version(),
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    result = {
+        "benchmark": "data_loader",
+        "quick": args.quick,
+        "dataset": str(root),
+        "overrides": args.set,
+        "batches": batches,
+        "repeats": repeats,
+        "warmup": warmup,
+        "images_per_batch": d.images_per_device,
+        "min_size_train": list(d.min_size_train),
+        "max_size_train": d.max_size_train,
+        "pin_memory": torch.cuda.is_available(),
+        "rows": rows,
+        "ratio_megdet_over_torchvision": ratios,
+        "target": target,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

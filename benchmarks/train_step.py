@@ -203,9 +203,14 @@ def step_fn(
 # --------------------------------------------------------------------------------------------------
 
 
+def is_cuda(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device: the switch for every CUDA-only measurement."""
+    return device.type == "cuda"
+
+
 def sync(device: torch.device) -> None:
     """Waits for the device's queued work (CUDA); nothing on CPU."""
-    if device.type == "cuda":
+    if is_cuda(device):
         torch.cuda.synchronize(device)
 
 
@@ -220,13 +225,13 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float) 
     """Best FLOP/s of repeated n^3 ``dtype`` matrix products on ``device`` over about ``seconds``."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 10 if device.type == "cuda" else 4
+    reps = 10 if is_cuda(device) else 4
     for _ in range(3):
         torch.mm(a, b)
     sync(device)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
-        if device.type == "cuda":
+        if is_cuda(device):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(reps):
@@ -245,7 +250,7 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float) 
 
 def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
     """The GEMM peaks rows are set against (GFLOP/s): bf16 and fp32 on CUDA, fp32 on CPU."""
-    if device.type == "cuda":
+    if is_cuda(device):
         return {
             "bf16_gemm_gflops": gemm_peak(device, torch.bfloat16, 8192, 0.5 if quick else 1.5) / 1e9,
             "fp32_gemm_gflops": gemm_peak(device, torch.float32, 4096, 0.3 if quick else 1.0) / 1e9,
@@ -256,7 +261,7 @@ def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
 def timed_step(run: Run, device: torch.device) -> tuple[float, float | None, float | None]:
     """(seconds, peak MiB, MiB added by the step) of one synchronised step; memory on CUDA only."""
     before = None
-    if device.type == "cuda":
+    if is_cuda(device):
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
@@ -332,7 +337,7 @@ def profile_run(run: Run, device: torch.device, steps: int) -> dict[str, Any]:
     """``steps`` steps under torch.profiler (CPU and CUDA activity), summarised by :func:`trace_summary`."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
     sync(device)
     with profile(activities=activities) as prof:
         t = time.perf_counter()
@@ -375,15 +380,15 @@ def build_pair(model: str, height: int, width: int, device: torch.device) -> dic
 
 def step_counts(args: argparse.Namespace, device: torch.device) -> tuple[int, int, int]:
     """(warm-up, timed fp32 steps, timed bf16 steps) per run for ``args`` on ``device``."""
-    iters = args.iters if args.iters is not None else (3 if args.quick else 10) if device.type == "cuda" else (
+    iters = args.iters if args.iters is not None else (3 if args.quick else 10) if is_cuda(device) else (
         2 if args.quick else 5)  # fmt: skip
     warmup = (
-        args.warmup if args.warmup is not None else (1 if args.quick else 2) if device.type == "cuda" else 0
+        args.warmup if args.warmup is not None else (1 if args.quick else 2) if is_cuda(device) else 0
     )
     bf16 = args.bf16_steps
     if bf16 < 0:
         # CPUs without native bf16 emulate it (several times slower): one step there by default.
-        native = device.type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = is_cuda(device) or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         bf16 = iters if native else 1
     return warmup, iters, bf16
 
@@ -450,7 +455,7 @@ def bench_config(
             log(f"  profiled {row['impl']} {row['precision']}: {_profile_text(row['profile'])}")
     del runs, optimizers, nets, images, targets
     gc.collect()
-    if device.type == "cuda":
+    if is_cuda(device):
         torch.cuda.empty_cache()
     return {"model": model, "batch": batch, "height": height, "width": width, "rows": rows}
 
@@ -462,7 +467,7 @@ def profile_config_run(run: Run, device: torch.device, steps: int) -> dict[str, 
         out.update(profile_run(run, device, steps))
     except Exception as e:  # a profiler problem must not cost the timings already taken
         out["error"] = f"{type(e).__name__}: {e}"
-    if device.type == "cuda":
+    if is_cuda(device):
         try:
             out["sync_debug"] = count_sync_warnings(run)
         except Exception as e:
@@ -585,7 +590,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
     }
-    if device.type == "cuda":
+    if is_cuda(device):
         props = torch.cuda.get_device_properties(device)
         info.update({
             "gpu": props.name, "gpu_memory_mb": props.total_memory / 2**20, "capability": list(
@@ -604,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the matrix, prints the table, writes the JSON and returns what it wrote."""
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
+    if not is_cuda(device):
         torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -619,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             configs.append(bench_config(model, batch, *args.hw, device, args, log))
     peaks.append(measure_peaks(device, args.quick))
     peak = {k: max(p[k] for p in peaks) for k in peaks[0]}
-    peak_key = "bf16_gemm_gflops" if device.type == "cuda" else "fp32_gemm_gflops"
+    peak_key = "bf16_gemm_gflops" if is_cuda(device) else "fp32_gemm_gflops"
     for c in configs:
         add_ratios(c, peak[peak_key])
     print_summary(configs, f"{peak_key.split('_')[0]} GEMM peak {peak[peak_key]:.0f} GFLOP/s")
@@ -640,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "timed_steps": iters,
             "bf16_steps": bf16_steps,
             "quick": args.quick,
-            "threads": args.threads if device.type == "cpu" else None,
+            "threads": args.threads if not is_cuda(device) else None,
         },  # fmt: skip
         "machine": machine_info(),
         "device": device_info(device),
