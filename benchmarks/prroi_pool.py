@@ -249,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cuda = args.device.type == "cuda"
     torch.set_num_threads(args.threads)
     if cuda:
-        torch.cuda.set_device(args.device)
+        if args.device.index is not None:
+            torch.cuda.set_device(args.device)
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device)}, {args.repeats} rounds "
               f"(+{args.warmup} warm-up)", flush=True)  # fmt: skip
     else:

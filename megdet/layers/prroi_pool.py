@@ -307,8 +307,11 @@ def _pool(
         lvl = None if levels is None else levels.to(ref.device, torch.int64)
         with torch.no_grad():
             checks = _value_checks(rois.detach().float(), lvl)
-        _raise_on_bad_values(checks.tolist(), n_img, len(features))  # the one host sync
-        return _triton_module().prroi_pool_triton(features, rois, lvl, (ph, pw), scales)
+        out = _triton_module().prroi_pool_triton(features, rois, lvl, (ph, pw), scales)
+        # The one host sync, after the launch so that the GPU is not idle while the host prepares
+        # it (the kernels clamp batch indices and levels, so bad values cannot read out of bounds).
+        _raise_on_bad_values(checks.tolist(), n_img, len(features))
+        return out
     return _pool_torch(features, rois, levels, ph, pw, scales)
 
 

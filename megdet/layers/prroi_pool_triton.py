@@ -45,6 +45,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Launch shapes. Channels per program (a warp's 32 threads take one channel each, so the sum over
+# the bins of a row stays inside a thread) and, for the feature gradient, how many programs share
+# one RoI's window rows (a large RoI's window is many times a small one's: splitting its rows
+# evens out the programs' lengths).
+FWD_BLOCK_C, FWD_WARPS = 64, 2
+BWD_BLOCK_C, BWD_WARPS = 32, 1
+FEAT_ROW_SPLIT = 4
+# The feature gradient by RoI window (each cell once per RoI, weights per cell) or by bin row
+# (cells shared by two bin rows added twice, cheaper weights).
+FEAT_BY_BIN_ROW = False
+TRANSPOSE_BLOCK = 64
+
 
 def _device_function(fn):
     """``triton.jit`` for the kernels' helper functions, except under the interpreter: there a
@@ -71,17 +83,18 @@ def _hat(t):
 
 
 @_device_function
-def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, HAS_LEVELS: tl.constexpr):
-    """Row offset of the RoI's image in the flat buffer, map H and W, scaled x1, y1, width, height,
-    the spatial scale and 1 / bin area (0 for an empty bin) of RoI ``r``."""
+def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS: tl.constexpr):
+    """Row offset of the RoI's image in the flat buffer, map H and W, scaled x1, y1, width and
+    height, and the spatial scale of RoI ``r``. The batch index and level are clamped to [0, N)
+    and [0, L): the host checks them after the launch, and a bad value must not read outside."""
     if HAS_LEVELS:
-        lvl = tl.load(levels_ptr + r).to(tl.int32)
+        lvl = tl.minimum(tl.maximum(tl.load(levels_ptr + r).to(tl.int32), 0), L - 1)
     else:
         lvl = 0
     scale = tl.load(scales_ptr + lvl)
     h = tl.load(meta_ptr + lvl * 3 + 1)
     w = tl.load(meta_ptr + lvl * 3 + 2)
-    b = tl.load(rois_ptr + r * 5).to(tl.int64)
+    b = tl.minimum(tl.maximum(tl.load(rois_ptr + r * 5), 0.0), N - 1.0).to(tl.int64)
     base = tl.load(meta_ptr + lvl * 3) + b * h * w
     x1 = tl.load(rois_ptr + r * 5 + 1) * scale
     y1 = tl.load(rois_ptr + r * 5 + 2) * scale
@@ -102,14 +115,16 @@ def _cell_range(lo, hi, n):
 
 @triton.jit
 def _prroi_fwd_kernel(
-    feat_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, out_ptr, C,
+    feat_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, out_ptr, C, N, L,
     PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
     BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)
     p = tl.program_id(1)
     cb = tl.program_id(2)
-    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, HAS_LEVELS)
+    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
+    )
     area = (rw / PW) * (rh / PH)
     valid = area > 0.0
     inv_area = tl.where(valid, 1.0 / tl.where(valid, area, 1.0), 0.0)
@@ -142,14 +157,17 @@ def _prroi_fwd_kernel(
 
 @triton.jit
 def _prroi_bwd_feat_kernel(
-    grad_out_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, grad_feat_ptr, C,
-    stride_r, stride_c, stride_p, stride_q,
+    grad_out_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, grad_feat_ptr, C, N, L,
+    stride_r, stride_c, stride_p, stride_q, ROW_SPLIT,
     PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
     BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)
     cb = tl.program_id(1)
-    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, HAS_LEVELS)
+    row0 = tl.program_id(2)  # this program takes every ROW_SPLIT-th row of the window
+    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
+    )
     bin_h = rh / PH
     area = (rw / PW) * bin_h
     valid = area > 0.0
@@ -167,7 +185,7 @@ def _prroi_bwd_feat_kernel(
     i_lo, i_hi = _cell_range(y1, y1 + rh, h)
     j_lo, j_hi = _cell_range(x1, x1 + rw, w)
     i_hi = tl.where(valid, i_hi, i_lo - 1)
-    for i in range(i_lo, i_hi + 1):
+    for i in range(i_lo + row0, i_hi + 1, ROW_SPLIT):
         fi = tl.cast(i, tl.float32)
         # Bin rows whose hat weight on row i can be nonzero (one extra on each side against
         # rounding; a bin that does not touch the row gets weight 0).
@@ -192,8 +210,78 @@ def _prroi_bwd_feat_kernel(
 
 
 @triton.jit
+def _prroi_bwd_feat_bins_kernel(
+    grad_out_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, grad_feat_ptr, C, N, L,
+    stride_r, stride_c, stride_p, stride_q,
+    PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The feature gradient by bin row (the forward's transpose): one program per (RoI, bin row p,
+    channel block) adds ``Ay[p, i] * sum_q Ax[q, j] dOut[p, q] / area`` to each touched cell."""
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    cb = tl.program_id(2)
+    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
+    )
+    area = (rw / PW) * (rh / PH)
+    valid = area > 0.0
+    inv_area = tl.where(valid, 1.0 / tl.where(valid, area, 1.0), 0.0)
+    ya = y1 + rh * (tl.cast(p, tl.float32) / PH)
+    yb = y1 + rh * (tl.cast(p + 1, tl.float32) / PH)
+    offs_q = tl.arange(0, BLOCK_PW)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_q < PW)[:, None] & mask_c[None, :]
+    go_offs = (
+        r.to(tl.int64) * stride_r + offs_c[None, :] * stride_c + p * stride_p + offs_q[:, None] * stride_q
+    )
+    d = tl.load(grad_out_ptr + go_offs, mask=mask, other=0.0).to(tl.float32) * inv_area
+    xa = x1 + rw * (offs_q.to(tl.float32) / PW)
+    xb = x1 + rw * ((offs_q + 1).to(tl.float32) / PW)
+    i_lo, i_hi = _cell_range(ya, yb, h)
+    j_lo, j_hi = _cell_range(x1, x1 + rw, w)
+    j_hi = tl.where(valid, j_hi, j_lo - 1)
+    for j in range(j_lo, j_hi + 1):
+        fj = tl.cast(j, tl.float32)
+        wx = _hat_prim(xb - fj) - _hat_prim(xa - fj)
+        t = tl.sum(wx[:, None] * d, axis=0)
+        for i in range(i_lo, i_hi + 1):
+            fi = tl.cast(i, tl.float32)
+            wy = _hat_prim(yb - fi) - _hat_prim(ya - fi)
+            tl.atomic_add(grad_feat_ptr + (base + i * w + j) * C + offs_c, wy * t, mask=mask_c, sem="relaxed")
+
+
+@triton.jit
+def _nchw_to_rows_kernel(src_ptr, dst_ptr, C, HW, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(N, C, HW) contiguous -> (N, HW, C) contiguous, in tiles (a strided copy moves a fraction
+    of the bandwidth)."""
+    n = tl.program_id(2).to(tl.int64)
+    offs_hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_c[:, None] < C) & (offs_hw[None, :] < HW)
+    x = tl.load(src_ptr + n * C * HW + offs_c[:, None] * HW + offs_hw[None, :], mask=mask)
+    tl.store(dst_ptr + n * C * HW + offs_hw[None, :] * C + offs_c[:, None], x, mask=mask)
+
+
+@triton.jit
+def _rows_to_nchw_kernel(src_ptr, dst_ptr, C, HW, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(N, HW, C) float32 -> (N, C, HW) contiguous in the destination's dtype, in tiles."""
+    n = tl.program_id(2).to(tl.int64)
+    offs_hw = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_hw[:, None] < HW) & (offs_c[None, :] < C)
+    x = tl.load(src_ptr + n * C * HW + offs_hw[:, None] * C + offs_c[None, :], mask=mask)
+    tl.store(
+        dst_ptr + n * C * HW + offs_c[None, :] * HW + offs_hw[:, None],
+        x.to(dst_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
 def _prroi_bwd_roi_kernel(
-    feat_ptr, grad_out_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, grad_rois_ptr, C,
+    feat_ptr, grad_out_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, grad_rois_ptr, C, N, L,
     stride_r, stride_c, stride_p, stride_q,
     PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
     BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -202,7 +290,7 @@ def _prroi_bwd_roi_kernel(
     p = tl.program_id(1)
     cb = tl.program_id(2)
     base, h, w, x1, y1, rw, rh, scale = _roi_geometry(
-        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, HAS_LEVELS
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
     )
     area = (rw / PW) * (rh / PH)
     valid = area > 0.0
@@ -270,12 +358,12 @@ def _prroi_bwd_roi_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _blocks(channels: int, pw: int) -> tuple[int, int, int]:
-    """(BLOCK_PW, BLOCK_C, num_warps): a warp's threads span the channel block (one channel each
-    at 64 channels, 2 warps) so that loads and atomics are contiguous and the sum over the bins of
-    a row stays inside a thread."""
-    block_c = min(64, triton.next_power_of_2(channels))
-    return triton.next_power_of_2(pw), block_c, max(1, block_c // 32)
+def _blocks(channels: int, pw: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_PW, BLOCK_C, num_warps): the warps' threads span the channel block, so loads and
+    atomics are contiguous runs of channels."""
+    block_c, warps = (BWD_BLOCK_C, BWD_WARPS) if backward else (FWD_BLOCK_C, FWD_WARPS)
+    block_c = min(block_c, triton.next_power_of_2(channels))
+    return triton.next_power_of_2(pw), block_c, max(1, min(warps, block_c // 32))
 
 
 def _to_flat_channels_last(features: Sequence[Tensor]) -> tuple[Tensor, list[int]]:
@@ -291,9 +379,15 @@ def _to_flat_channels_last(features: Sequence[Tensor]) -> tuple[Tensor, list[int
             return nhwc.reshape(rows, c), starts
     flat = features[0].new_empty((rows, c))
     for f, s in zip(features, starts):
-        # Copy each level straight into its slice (reshaping the permuted view would copy twice).
         n, _, h, w = f.shape
-        flat[s : s + n * h * w].view(n, h, w, c).copy_(f.permute(0, 2, 3, 1))
+        dst = flat[s : s + n * h * w]
+        if f.is_contiguous():
+            blk = TRANSPOSE_BLOCK
+            grid = (triton.cdiv(h * w, blk), triton.cdiv(c, blk), n)
+            _nchw_to_rows_kernel[grid](f, dst, c, h * w, blk, blk, num_warps=4)
+        else:
+            # Copy straight into the slice (reshaping the permuted view would copy twice).
+            dst.view(n, h, w, c).copy_(f.permute(0, 2, 3, 1))
     return flat, starts
 
 
@@ -306,10 +400,10 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         dev = features[0].device
         n_img, c = features[0].shape[:2]
         flat, starts = _to_flat_channels_last(features)
-        level_meta = torch.tensor(
-            [[s, f.shape[2], f.shape[3]] for s, f in zip(starts, features)], dtype=torch.int64, device=dev
+        level_meta = _device_table(
+            [[s, f.shape[2], f.shape[3]] for s, f in zip(starts, features)], torch.int64, dev
         )
-        scales = torch.tensor(meta["scales"], dtype=torch.float32, device=dev)
+        scales = _device_table(meta["scales"], torch.float32, dev)
         rois32 = rois.detach().to(torch.float32).contiguous()
         lv = levels.contiguous() if levels is not None else rois32  # unused without levels
         k = rois.shape[0]
@@ -317,8 +411,8 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         block_pw, block_c, warps = _blocks(c, pw)
         grid = (k, ph, triton.cdiv(c, block_c))
         _prroi_fwd_kernel[grid](
-            flat, rois32, lv, level_meta, scales, out, c, ph, pw, levels is not None, block_pw, block_c,
-            num_warps=warps,
+            flat, rois32, lv, level_meta, scales, out, c, n_img, len(features), ph, pw, levels is not None,
+            block_pw, block_c, num_warps=warps,
         )  # fmt: skip
         ctx.meta = meta
         ctx.has_levels = levels is not None
@@ -326,6 +420,7 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         ctx.starts = starts
         ctx.num_rows = flat.shape[0]
         ctx.rois_dtype = rois.dtype
+        ctx.sizes = (n_img, len(features))
         # The features themselves are needed again only for the RoI gradient.
         keep = flat if ctx.needs_input_grad[2] else None
         ctx.save_for_backward(keep, rois32, lv, level_meta, scales)
@@ -337,34 +432,64 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         flat, rois32, lv, level_meta, scales = ctx.saved_tensors
         ph, pw = ctx.meta["output_size"]
         k, c = grad_out.shape[:2]
-        # Channels-last grad_out makes each (bin, channel block) read contiguous (an expanded
-        # gradient such as that of out.sum() is materialised once here).
-        go = grad_out.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        strides = go.stride()
-        block_pw, block_c, warps = _blocks(c, pw)
+        n_img, n_levels = ctx.sizes
+        # grad_out is read in place with its strides (an expanded gradient such as that of
+        # out.sum() included): per bin row a program reads a few (bins x channels) tiles only.
+        go, strides = grad_out, grad_out.stride()
         need_feat = ctx.needs_input_grad[3:]
         grad_features: list[Tensor | None] = [None] * len(need_feat)
         if any(need_feat):
             grad_flat = torch.zeros((ctx.num_rows, c), dtype=torch.float32, device=go.device)
-            _prroi_bwd_feat_kernel[(k, triton.cdiv(c, block_c))](
-                go, rois32, lv, level_meta, scales, grad_flat, c, *strides, ph, pw, ctx.has_levels,
-                block_pw, block_c, num_warps=warps,
-            )  # fmt: skip
+            block_pw, block_c, warps = _blocks(c, pw, backward=True)
+            if FEAT_BY_BIN_ROW:
+                _prroi_bwd_feat_bins_kernel[(k, ph, triton.cdiv(c, block_c))](
+                    go, rois32, lv, level_meta, scales, grad_flat, c, n_img, n_levels, *strides, ph, pw,
+                    ctx.has_levels, block_pw, block_c, num_warps=warps,
+                )  # fmt: skip
+            else:
+                _prroi_bwd_feat_kernel[(k, triton.cdiv(c, block_c), FEAT_ROW_SPLIT)](
+                    go, rois32, lv, level_meta, scales, grad_flat, c, n_img, n_levels, *strides,
+                    FEAT_ROW_SPLIT, ph, pw, ctx.has_levels, block_pw, block_c, num_warps=warps,
+                )  # fmt: skip
             for lvl, ((shape, dtype, fmt), start) in enumerate(zip(ctx.feature_meta, ctx.starts)):
                 if need_feat[lvl]:
-                    n, _, h, w = shape
-                    src = grad_flat[start : start + n * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
-                    grad_features[lvl] = torch.empty(shape, dtype=dtype, device=go.device, memory_format=fmt)
-                    grad_features[lvl].copy_(src)
+                    grad_features[lvl] = _level_gradient(grad_flat, start, shape, dtype, fmt)
         grad_rois = None
         if ctx.needs_input_grad[2]:
             g = torch.zeros((k, 5), dtype=torch.float32, device=go.device)
+            block_pw, block_c, warps = _blocks(c, pw)
             _prroi_bwd_roi_kernel[(k, ph, triton.cdiv(c, block_c))](
-                flat, go, rois32, lv, level_meta, scales, g, c, *strides, ph, pw, ctx.has_levels,
-                block_pw, block_c, num_warps=warps,
+                flat, go, rois32, lv, level_meta, scales, g, c, n_img, n_levels, *strides, ph, pw,
+                ctx.has_levels, block_pw, block_c, num_warps=warps,
             )  # fmt: skip
             grad_rois = g.to(ctx.rois_dtype)
         return (None, None, grad_rois, *grad_features)
+
+
+def _level_gradient(
+    grad_flat: Tensor, start: int, shape: torch.Size, dtype: torch.dtype, fmt: torch.memory_format
+) -> Tensor:
+    """One level's rows of the float32 channels-last gradient as an (N, C, H, W) tensor of the
+    feature's dtype and memory format."""
+    n, c, h, w = shape
+    rows = grad_flat[start : start + n * h * w]
+    if fmt == torch.channels_last:
+        return rows.to(dtype).view(n, h, w, c).permute(0, 3, 1, 2)
+    out = torch.empty(shape, dtype=dtype, device=grad_flat.device)
+    blk = TRANSPOSE_BLOCK
+    _rows_to_nchw_kernel[(triton.cdiv(h * w, blk), triton.cdiv(c, blk), n)](
+        rows, out, c, h * w, blk, blk, num_warps=4
+    )
+    return out
+
+
+def _device_table(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of Python values on ``device``; on CUDA copied from pinned memory without
+    blocking (a pageable copy would wait for the whole stream)."""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
