@@ -1,11 +1,13 @@
-"""The large mini-batch study's pure parts (benchmarks/large_batch_study.py): the run matrix, how
-simulated devices map onto processes / accumulation steps / BN groups, the config overrides each run
-gets, reading a run's outputs, result aggregation and the plot. No training here."""
+"""The large mini-batch study (benchmarks/large_batch_study.py): the run matrix, the overrides that put
+a global batch on CPU processes or one GPU, the ablations' overrides as the trainer resolves them,
+reading a run's outputs, the goals check, the table and the plot; then one tiny end-to-end run."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,127 +23,163 @@ from megdet.config import load_config  # noqa: E402
 from megdet.engine.lr_policy import resolve_schedule  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
-# Simulated devices
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("batch, k", [(8, 2), (16, 4), (32, 8), (64, 16)])
-def test_layout_of_each_study_batch(batch: int, k: int) -> None:
-    layout = lbs.device_layout(batch)
-    assert (layout.processes, layout.images_per_device, layout.grad_accum_steps) == (2, 2, k)
-    assert layout.processes * layout.images_per_device * layout.grad_accum_steps == batch
-    assert layout.simulated_devices == batch // 2  # devices of 2 images each
-    assert layout.images_per_micro_step == 4  # one simulated pair of devices per micro-step
-
-
-def test_bn_group_is_one_micro_step_not_all_simulated_devices() -> None:
-    layout = lbs.device_layout(64)
-    assert layout.bn_group_images("CrossDeviceBN") == 4  # 2 processes x 2 images, whatever the batch
-    assert layout.bn_group_images("BN") == 2  # per device
-    assert layout.bn_group_images("FrozenBN") is None  # no batch statistics
-    assert layout.bn_group_images("GN") is None
-    assert lbs.device_layout(24, processes=3, images_per_device=4).bn_group_images("CrossDeviceBN") == 12
-
-
-@pytest.mark.parametrize("batch", [0, 2, 6, 10, -8])
-def test_batches_that_do_not_fit_the_layout_are_refused(batch: int) -> None:
-    with pytest.raises(ValueError, match=f"global batch {batch} is not a positive multiple of 4"):
-        lbs.device_layout(batch)
-
-
-def test_describe_names_every_factor() -> None:
-    text = lbs.device_layout(32).describe()
-    assert text == "global batch 32 = 2 processes x 2 images x 8 accumulation steps (16 simulated devices)"
-
-
-def test_simulation_text_states_the_bn_group_caveat() -> None:
-    text = lbs.SIMULATION_TEXT
-    for fragment in ("2 real processes", "--nproc 2", "data.images_per_device=2", "train.grad_accum_steps=k",
-                     "8 -> k=2, 16 -> 4, 32 -> 8, 64 -> 16", "4 images of a micro-step",
-                     "not all simulated devices as in MegDet", "per-device BN normalises over 2 images"):
-        assert fragment in text
-    assert lbs.__doc__ is not None and "NOT all simulated devices" in lbs.__doc__
-
-
-# --------------------------------------------------------------------------------------------------
 # Run matrix and overrides
 # --------------------------------------------------------------------------------------------------
 
 
-def test_default_matrix_is_the_main_series_then_three_ablations_at_the_largest_batch() -> None:
+def test_default_matrix_is_the_main_series_then_every_ablation_at_the_largest_batch() -> None:
     specs = lbs.build_run_matrix(lbs.DEFAULT_BATCHES)
     assert [s.name for s in specs] == [
-        "batch8", "batch16", "batch32", "batch64",
-        "batch64_no_warmup", "batch64_per_device_bn", "batch64_frozen_bn",
-    ]
-    main, ablations = specs[:4], specs[4:]
-    assert all(s.norm == "CrossDeviceBN" and s.warmup and not s.ablation for s in main)
-    assert all(s.global_batch == 64 and s.layout.grad_accum_steps == 16 and s.ablation for s in ablations)
-    assert [(s.norm, s.warmup) for s in ablations] == [
-        ("CrossDeviceBN", False), ("BN", True), ("FrozenBN", True)
-    ]
+        "batch8", "batch16", "batch32", "batch64", "batch128",
+        "batch128_no_warmup", "batch128_no_lr_scaling", "batch128_linear_lr", "batch128_bn_groups_2",
+        "batch128_frozen_bn", "batch128_lamb", "batch128_scale_betas",
+    ]  # fmt: skip
+    assert all(not s.ablation and not s.overrides for s in specs[:5])
+    assert all(s.global_batch == 128 and s.ablation and s.label for s in specs[5:])
+    # Launch order = matrix order: most iterations (smallest batch) first.
+    assert [s.global_batch for s in specs] == sorted(s.global_batch for s in specs)
 
 
-def test_matrix_sorts_deduplicates_and_can_skip_ablations() -> None:
-    specs = lbs.build_run_matrix([32, 8, 32], ablations=False)
-    assert [s.global_batch for s in specs] == [8, 32]
-    with_ablations = lbs.build_run_matrix([16, 8])
-    assert {s.global_batch for s in with_ablations if s.ablation} == {16}
+def test_ablation_overrides() -> None:
+    by = {s.ablation: s.overrides for s in lbs.build_run_matrix([8, 64], head_norm="CrossDeviceBN")[2:]}
+    assert by == {
+        "no_warmup": ("solver.warmup=false",),
+        "no_lr_scaling": ("solver.lr_scaling=none",),
+        "linear_lr": ("solver.lr_scaling=linear",),
+        "bn_groups_2": ("model.bn_group_images=2",),
+        "frozen_bn": ("model.norm=FrozenBN", "model.head_norm=CrossDeviceBN"),
+        "lamb": ("solver.optimizer=lamb",),
+        "scale_betas": ("solver.scale_betas=true",),
+    }
+    frozen = lbs.build_run_matrix([8], ["frozen_bn"], head_norm="GN")[1]
+    assert frozen.overrides == ("model.norm=FrozenBN", "model.head_norm=GN")
+
+
+def test_matrix_sorts_deduplicates_and_chooses_ablations() -> None:
+    assert [s.name for s in lbs.build_run_matrix([32, 8, 32], [])] == ["batch8", "batch32"]
+    specs = lbs.build_run_matrix([16, 8], ["lamb", "no_warmup"])
+    assert [s.name for s in specs] == ["batch8", "batch16", "batch16_no_warmup", "batch16_lamb"]
     with pytest.raises(ValueError, match="no batch sizes"):
         lbs.build_run_matrix([])
 
 
-def test_parse_batches() -> None:
+def test_parse_batches_and_ablations() -> None:
     assert lbs.parse_batches("64, 8,16,8") == [8, 16, 64]
     with pytest.raises(ValueError, match="--batches: expected a comma list of integers"):
         lbs.parse_batches("8,x")
     with pytest.raises(ValueError, match="no batch sizes"):
         lbs.parse_batches(" , ")
+    with pytest.raises(ValueError, match="positive"):
+        lbs.parse_batches("0,8")
+    assert lbs.parse_ablations("lamb, no_warmup") == ["no_warmup", "lamb"]  # the study's order
+    assert lbs.parse_ablations("") == []
+    with pytest.raises(ValueError, match="unknown bogus; choose from no_warmup, "):
+        lbs.parse_ablations("lamb,bogus")
 
 
-def test_schedule_overrides_keep_the_decays_at_fixed_fractions() -> None:
-    assert lbs.schedule_overrides(12) == ["solver.epochs=12", "solver.decay_epochs=[8,11]"]
-    assert lbs.schedule_overrides(5) == ["solver.epochs=5", "solver.decay_epochs=[3.33333,4.58333]"]
-    with pytest.raises(ValueError, match="--epochs"):
-        lbs.schedule_overrides(0)
+@pytest.mark.parametrize("device, batch, expected", [
+    ("cpu", 8, ["data.images_per_device=4", "train.device=cpu"]),
+    ("cpu", 64, ["data.images_per_device=32", "train.device=cpu"]),
+    ("cuda", 64, ["data.images_per_device=64", "train.device=cuda", "data.num_workers=2"]),
+    ("cuda", 8, ["data.images_per_device=8", "train.device=cuda", "data.num_workers=2"]),
+])  # fmt: skip
+def test_device_overrides(device: str, batch: int, expected: list[str]) -> None:
+    assert lbs.device_overrides(batch, device) == expected
 
 
-@pytest.mark.parametrize("name", ["batch8", "batch64", "batch64_no_warmup", "batch64_per_device_bn",
-                                  "batch64_frozen_bn"])
-def test_each_run_resolves_to_its_batch_lr_norm_and_warmup(name: str, tmp_path: Path) -> None:
-    spec = {s.name: s for s in lbs.build_run_matrix(lbs.DEFAULT_BATCHES)}[name]
-    overrides = [*lbs.data_overrides(tmp_path / "data", 160), *lbs.schedule_overrides(5), *spec.overrides()]
-    cfg = load_config(lbs.DEFAULT_CONFIG, overrides)
-    assert cfg.model.norm == spec.norm and cfg.model.bn_group_size == 0
-    assert cfg.data.root == str(tmp_path / "data")
-    assert (cfg.data.min_size_train, cfg.data.max_size_train, cfg.data.min_size_test) == ([160], 160, 160)
-    # The engine's own rule, for the 2 real processes: global batch, linear scaling, warmup.
-    info = resolve_schedule(cfg.solver, world_size=2, images_per_device=cfg.data.images_per_device,
-                            grad_accum_steps=cfg.train.grad_accum_steps, num_images=400)
-    assert info.global_batch == spec.global_batch
-    assert info.lr == pytest.approx(cfg.solver.base_lr * spec.global_batch / cfg.solver.reference_batch)
-    assert info.total_iters == lbs.planned_iterations(5, 400, spec.global_batch)
-    assert info.epochs == pytest.approx(5)  # the same epochs at every batch
-    assert (info.warmup_iters > 0) == spec.warmup
+def test_device_layout() -> None:
+    assert lbs.device_layout(64, "cpu") == (2, 32)
+    assert lbs.device_layout(64, "cpu", processes=4) == (4, 16)
+    assert lbs.device_layout(64, "cuda") == (1, 64)
+    with pytest.raises(ValueError, match="global batch 6 is not a positive multiple of 4 processes"):
+        lbs.device_layout(6, "cpu", processes=4)
+    with pytest.raises(ValueError, match="--device"):
+        lbs.device_layout(8, "tpu")
 
 
-def test_planned_iterations_and_estimate() -> None:
-    assert lbs.planned_iterations(5, 400, 8) == 250
-    assert lbs.planned_iterations(5, 400, 64) == 35  # ceil(400 / 64) = 7 per epoch
-    specs = lbs.build_run_matrix([8, 64], ablations=False)
-    images = 250 * 8 + 35 * 64
-    expected = images * lbs.CPU_S_PER_TRAIN_IMAGE + 2 * lbs.CPU_S_PER_RUN
-    assert lbs.estimate_cpu_seconds(specs, 5, 400) == pytest.approx(expected)
+def test_train_command_and_environment(tmp_path: Path) -> None:
+    spec = lbs.build_run_matrix([64], ["bn_groups_2"])[1]
+    common = ["data.root=/d", "train.seed=0"]
+    cpu = lbs.train_command(spec, device="cpu", processes=2, config=Path("c.yaml"), run_dir=tmp_path, common=common)
+    assert cpu[1:] == ["-m", "megdet", "train", "--config", "c.yaml", "--nproc", "2", "--out", str(tmp_path),
+                       *common, "data.images_per_device=32", "train.device=cpu", "model.bn_group_images=2"]
+    gpu = lbs.train_command(spec, device="cuda", processes=2, config=Path("c.yaml"), run_dir=tmp_path, common=common)
+    assert gpu[6:8] == ["--nproc", "1"] and "data.images_per_device=64" in gpu and "train.device=cuda" in gpu
+    base = {"OMP_NUM_THREADS": "1", "X": "y"}
+    grace = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(lbs.STOP_GRACE_S)}
+    assert lbs.run_env("cuda", base) == {"OMP_NUM_THREADS": "2", "X": "y", **grace}
+    assert lbs.run_env("cpu", base) == {**base, **grace}  # the launcher gives each process its share of the cores
 
 
-def test_step_caveats_flag_batches_with_too_few_steps() -> None:
-    specs = lbs.build_run_matrix(lbs.DEFAULT_BATCHES)  # ablations share batch 64: one line for it
-    lines = lbs.step_caveats(specs, 5, 400)
-    assert [line.split(" gets")[0] for line in lines] == ["caveat: batch 32", "caveat: batch 64"]  # 65, 35
-    assert "only 35 optimizer steps" in lines[1] and "(--epochs 15 gives 100)" in lines[1]
-    assert lbs.planned_iterations(15, 400, 64) >= lbs.MIN_USEFUL_STEPS  # the advice is enough
-    assert lbs.step_caveats(specs, 15, 400) == []
-    assert lbs.step_caveats(specs, 5, 400, min_steps=10) == []
+# --------------------------------------------------------------------------------------------------
+# Every run as the trainer resolves it
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def schedules() -> dict:
+    specs = lbs.build_run_matrix(lbs.DEFAULT_BATCHES)
+    return {dev: lbs.resolve_runs(lbs.DEFAULT_CONFIG, specs, ["data.root=/nowhere"], dev, 2, 1000)
+            for dev in ("cpu", "cuda")}  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_main_series_changes_only_the_batch(schedules: dict, device: str) -> None:
+    base = load_config(lbs.DEFAULT_CONFIG)
+    for batch in lbs.DEFAULT_BATCHES:
+        info = schedules[device][f"batch{batch}"]
+        assert info.global_batch == batch
+        assert (info.world_size, info.images_per_device) == ((2, batch // 2) if device == "cpu" else (1, batch))
+        assert info.grad_accum_steps == 1
+        assert info.epochs == pytest.approx(base.solver.epochs)  # the same epochs at every batch
+        assert info.total_iters == base.solver.epochs * -(-1000 // batch)
+        # AdamW under lr_scaling=auto: the square root of the batch ratio (engine/lr_policy.py).
+        assert info.lr == pytest.approx(base.solver.base_lr * (batch / base.solver.reference_batch) ** 0.5)
+        assert info.warmup_iters > 0
+    assert schedules[device]["batch8"].total_iters == 2000  # the demo's schedule
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_ablations_resolve_to_their_change(schedules: dict, device: str) -> None:
+    s, main = schedules[device], schedules[device]["batch128"]
+    base = load_config(lbs.DEFAULT_CONFIG)
+    assert s["batch128_no_warmup"].warmup_iters == 0 and s["batch128_no_warmup"].lr == main.lr
+    assert s["batch128_no_lr_scaling"].lr == pytest.approx(base.solver.base_lr)
+    assert s["batch128_linear_lr"].lr == pytest.approx(base.solver.base_lr * 128 / 8)
+    assert s["batch128_lamb"].optimizer == "lamb" and s["batch128_lamb"].lr == pytest.approx(main.lr)
+    assert s["batch128_scale_betas"].betas != main.betas == [0.9, 0.999]
+    for name in ("bn_groups_2", "frozen_bn", "scale_betas", "lamb"):
+        assert s[f"batch128_{name}"].total_iters == main.total_iters
+
+
+def test_bn_ablations_configure_the_model() -> None:
+    specs = {s.ablation: s for s in lbs.build_run_matrix([128], head_norm="CrossDeviceBN")}
+    cfg = load_config(lbs.DEFAULT_CONFIG, [*lbs.device_overrides(128, "cpu"), *specs["bn_groups_2"].overrides])
+    assert cfg.model.bn_group_images == 2 and cfg.model.norm == "CrossDeviceBN"
+    cfg = load_config(lbs.DEFAULT_CONFIG, list(specs["frozen_bn"].overrides))
+    # Only the backbone loses its normalisation: the FPN and heads keep the main series' norm.
+    assert (cfg.model.norm, cfg.model.head_norm) == ("FrozenBN", "CrossDeviceBN")
+    assert lbs.main_head_norm(load_config(lbs.DEFAULT_CONFIG)) == "CrossDeviceBN"
+
+
+def test_resolve_runs_names_a_run_that_cannot_work() -> None:
+    specs = lbs.build_run_matrix([6], ["bn_groups_2"])  # 3 images per process: groups of 2 do not fit
+    with pytest.raises(ValueError, match=r"^batch6_bn_groups_2: model.bn_group_images=2 does not divide"):
+        lbs.resolve_runs(lbs.DEFAULT_CONFIG, specs, [], "cpu", 2, 1000)
+
+
+def test_step_caveats(schedules: dict) -> None:
+    assert lbs.step_caveats(schedules["cpu"]) == []  # 128 steps at batch 128
+    lines = lbs.step_caveats(schedules["cpu"], min_steps=300)
+    assert [line.split(" gets")[0] for line in lines] == ["caveat: batch 64", "caveat: batch 128"]
+    assert "only 128 optimizer steps (16 epoch(s))" in lines[1]  # the ablations share it: one line
+
+
+def test_quick_overrides(tmp_path: Path) -> None:
+    cfg = load_config(lbs.DEFAULT_CONFIG, lbs.quick_overrides(tmp_path))
+    assert cfg.data.root == str(tmp_path)
+    assert (cfg.data.synth.num_train, cfg.data.synth.num_val, cfg.data.synth.image_size) == (32, 8, 128)
+    assert (cfg.data.min_size_train, cfg.data.max_size_train, cfg.data.max_size_test) == ([128], 128, 128)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,21 +194,26 @@ NON_FINITE_LOG = (
 )
 
 
-def test_parse_divergence() -> None:
+def test_parse_divergence_and_last_error_line() -> None:
     assert lbs.parse_divergence(NON_FINITE_LOG) == 7
     assert lbs.parse_divergence("megdet: error: data.root: not found") is None
+    log = "a\n[rank1]: TypeError: bad\rtrain: 5%\nE1204 failed (exitcode: 1)\nmegdet: worker 1 of 2 failed\n"
+    assert lbs.last_error_line(log) == "[rank1]: TypeError: bad"
+    assert lbs.last_error_line("one\ntwo\n\n") == "two"  # no error line: the last line
+    assert lbs.last_error_line("") == ""
 
 
-def test_parse_schedule_log_reads_the_trainers_start_up_lines() -> None:
-    cfg = load_config(lbs.DEFAULT_CONFIG, lbs.schedule_overrides(5))
-    info = resolve_schedule(cfg.solver, world_size=2, images_per_device=2, grad_accum_steps=16,
-                            num_images=400)
+@pytest.mark.parametrize("scaling", ["auto", "linear", "none"])
+def test_parse_schedule_log_reads_the_trainers_start_up_lines(scaling: str) -> None:
+    cfg = load_config(lbs.DEFAULT_CONFIG, [f"solver.lr_scaling={scaling}"])
+    info = resolve_schedule(cfg.solver, world_size=2, images_per_device=32, grad_accum_steps=1, num_images=1000)
     text = "megdet train: cpu x 2\n" + "\n".join(f"  {line}" for line in info.summary_lines())
     parsed = lbs.parse_schedule_log(text)
-    assert parsed["total_iters"] == info.total_iters == 35
+    assert parsed["total_iters"] == info.total_iters == 256
     assert parsed["warmup_iters"] == info.warmup_iters
-    assert parsed["lr"] == pytest.approx(info.lr)
-    assert parsed["epochs"] == pytest.approx(5)
+    assert parsed["lr"] == pytest.approx(info.lr, rel=1e-5)
+    assert parsed["epochs"] == pytest.approx(16)
+    assert parsed["global_batch"] == 64
     assert lbs.parse_schedule_log("nothing here") == {}
 
 
@@ -181,7 +224,7 @@ def _stats(ap: float) -> dict:
 def test_ap_from_eval_reads_eval_json_and_metrics_entries() -> None:
     eval_json = {"bbox": {"stats": _stats(0.25), "per_category_ap": {}},
                  "segm": {"stats": _stats(0.125), "per_category_ap": {}},
-                 "keypoints": {"stats": _stats(-1.0), "per_category_ap": {}}}
+                 "keypoints": {"stats": _stats(-1.0), "per_category_ap": {}}}  # fmt: skip
     assert lbs.ap_from_eval(eval_json) == {"bbox": 25.0, "segm": 12.5}  # -1: no ground truth
     assert lbs.ap_from_eval({"keypoints": _stats(0.5)}) == {"keypoints": 50.0}  # metrics.jsonl form
     assert lbs.ap_from_eval({}) == {}
@@ -189,17 +232,18 @@ def test_ap_from_eval_reads_eval_json_and_metrics_entries() -> None:
 
 def _fake_run(run_dir: Path, *, finished: bool, iterations: int = 10, eval_json: bool = True) -> None:
     run_dir.mkdir(parents=True)
-    lines = [{"iter": i, "lr": 0.01, "total_loss": 3.0 - 0.1 * i} for i in range(5, iterations + 1, 5)]
+    lines = [{"iter": i, "lr": 0.01, "total_loss": 3.0 - 0.1 * i, "time": 2.0 * i}
+             for i in range(5, iterations + 1, 5)]  # fmt: skip
     if finished:
         lines.append({"iter": iterations, "eval": {"bbox": _stats(0.3)}})
         summary = {"iteration": iterations, "total_iters": iterations, "lr": 0.01, "warmup_iters": 2,
-                   "epochs": 1.0, "global_batch": 8, "checkpoint": "x", "policy": "step"}
+                   "epochs": 1.0, "global_batch": 8, "lr_scaling": "sqrt", "checkpoint": "x", "policy": "cosine"}
         (run_dir / "summary.json").write_text(json.dumps(summary))
         if eval_json:
             ev = run_dir / "eval" / f"iter_{iterations:07d}"
             ev.mkdir(parents=True)
             (ev / "eval.json").write_text(json.dumps({"bbox": {"stats": _stats(0.4)},
-                                                      "segm": {"stats": _stats(0.2)}}))
+                                                      "segm": {"stats": _stats(0.2)}}))  # fmt: skip
     text = "\n".join(json.dumps(line) for line in lines) + '\n{"iter": 1'  # a line cut short
     (run_dir / "metrics.jsonl").write_text(text)
 
@@ -210,9 +254,10 @@ def test_read_run_outputs_of_a_finished_run(tmp_path: Path) -> None:
     assert out["iterations"] == 10
     assert out["ap"] == {"bbox": 40.0, "segm": 20.0}  # eval.json wins over the metrics line
     assert out["eval_file"].endswith("eval/iter_0000010/eval.json")
-    expected = {"total_iters": 10, "lr": 0.01, "warmup_iters": 2, "epochs": 1.0, "global_batch": 8}
-    assert out["schedule"] == expected
+    assert out["schedule"] == {"total_iters": 10, "lr": 0.01, "warmup_iters": 2, "epochs": 1.0,
+                               "global_batch": 8, "lr_scaling": "sqrt"}  # fmt: skip
     assert out["final_loss"] == pytest.approx(2.0)
+    assert (out["train_s"], out["logged_iterations"]) == (20.0, 10)  # the trainer's clock at the last log
 
 
 def test_read_run_outputs_falls_back_to_metrics_and_handles_stopped_runs(tmp_path: Path) -> None:
@@ -223,123 +268,195 @@ def test_read_run_outputs_falls_back_to_metrics_and_handles_stopped_runs(tmp_pat
     out = lbs.read_run_outputs(tmp_path / "d")
     assert out["iterations"] == 15 and out["ap"] == {} and out["schedule"] == {} and out["eval_file"] is None
     empty = lbs.read_run_outputs(tmp_path / "missing")
-    assert empty["iterations"] == 0 and empty["final_loss"] is None
+    assert empty["iterations"] == 0 and empty["final_loss"] is None and empty["train_s"] is None
 
 
 # --------------------------------------------------------------------------------------------------
-# Results
+# Results, goals, table, plot
 # --------------------------------------------------------------------------------------------------
 
 
-def _result(name: str, batch: int, ap: dict, *, norm: str = "CrossDeviceBN", warmup: bool = True,
-            ablation: str = "", log: str = "", rc: int = 0) -> lbs.RunResult:
-    spec = lbs.RunSpec(name, lbs.device_layout(batch), norm, warmup, ablation)
-    outputs = {"iterations": 20, "ap": ap, "schedule": {"total_iters": 20, "lr": 0.02 * batch / 16,
-                                                        "warmup_iters": 5 if warmup else 0}}
-    return lbs.make_result(spec, outputs, exit_code=rc, log_text=log, wall_s=60.0, cpu_s=100.0)
+def _result(batch: int, ap: dict, *, ablation: str = "", log: str = "", rc: int = 0,
+            device: str = "cpu") -> lbs.RunResult:  # fmt: skip
+    spec = lbs.RunSpec(f"batch{batch}" + (f"_{ablation}" if ablation else ""), batch, ablation, ablation.upper())
+    outputs = {"iterations": 20, "ap": ap, "train_s": 10.0, "logged_iterations": 20,
+               "schedule": {"total_iters": 20, "lr": 0.004 * (batch / 8) ** 0.5, "warmup_iters": 5}}
+    return lbs.make_result(spec, outputs, device=device, processes=2, exit_code=rc, log_text=log, wall_s=60.0)
 
 
 def test_make_result_classifies_ok_diverged_and_failed() -> None:
-    ok = _result("batch8", 8, {"bbox": 20.0})
+    ok = _result(64, {"bbox": 20.0})
     assert (ok.status, ok.status_text(), ok.iterations, ok.ap) == ("ok", "ok", 20, {"bbox": 20.0})
-    assert (ok.grad_accum_steps, ok.simulated_devices, ok.bn_group_images) == (2, 4, 4)
+    assert (ok.processes, ok.images_per_device, ok.layout_text()) == (2, 32, "2 x 32")
+    assert ok.images_per_s == pytest.approx(20 * 64 / 10.0)  # training images / training seconds
+    assert _result(64, {}, device="cuda").layout_text() == "1 GPU x 64"
 
-    log = "  iterations: 35 total, 7 per epoch (400 images, 5 epochs)\n" + NON_FINITE_LOG
-    div = lbs.make_result(lbs.RunSpec("b64", lbs.device_layout(64), "FrozenBN", True, "frozen BN"),
-                          {"iterations": 5, "ap": {"bbox": 1.0}, "schedule": {}},
-                          exit_code=1, log_text=log, wall_s=1.0, cpu_s=2.0)
+    log = "  iterations: 128 total, 8 per epoch (1000 images, 16 epochs)\n" + NON_FINITE_LOG
+    div = lbs.make_result(lbs.RunSpec("b", 128, "frozen_bn", "frozen"), {"iterations": 5, "ap": {"bbox": 1.0}},
+                          device="cpu", processes=2, exit_code=1, log_text=log, wall_s=1.0)  # fmt: skip
     assert (div.status, div.status_text(), div.diverged_at) == ("diverged", "diverged at iteration 7", 7)
-    assert div.iterations == 6 and div.ap == {} and div.total_iters == 35  # total from the log
-    assert div.bn_group_images is None
+    assert div.iterations == 6 and div.ap == {} and div.total_iters == 128 and div.error == ""
 
-    failed = _result("x", 8, {}, rc=2, log="Traceback\nmegdet: error: data.root: datasets/x not found\n")
-    assert failed.status_text() == "failed (exit 2)"
-    assert failed.error == "megdet: error: data.root: datasets/x not found"
+    failed = _result(8, {}, rc=2, log="Traceback\nmegdet: error: data.root: datasets/x not found\nbye\n")
+    assert failed.status_text() == "failed (exit 2): megdet: error: data.root: datasets/x not found"
+    spec = lbs.RunSpec("b", 8)
+    late = lbs.make_result(spec, {}, device="cpu", processes=2, exit_code=-15, log_text=NON_FINITE_LOG,
+                           wall_s=600.0, timed_out_s=300.0)  # fmt: skip
+    assert late.status_text() == "failed (exit -15): stopped after its time limit of 5 min"
     # A non-finite message in a successful run's log (impossible, but) does not make it diverged.
-    assert _result("y", 8, {"bbox": 1.0}, log=NON_FINITE_LOG).status == "ok"
+    assert _result(8, {"bbox": 1.0}, log=NON_FINITE_LOG).status == "ok"
 
 
 def _study() -> list[lbs.RunResult]:
     return [
-        _result("batch8", 8, {"bbox": 20.0, "segm": 15.0}),
-        _result("batch16", 16, {"bbox": 22.0, "segm": 16.0}),
-        _result("batch64", 64, {"bbox": 10.0, "segm": 8.0}),
-        _result("batch64_no_warmup", 64, {"bbox": 5.0, "segm": 4.0}, warmup=False, ablation="no warmup"),
-        _result("batch64_per_device_bn", 64, {"bbox": 9.0}, norm="BN", ablation="per-device BN"),
-        _result("batch64_frozen_bn", 64, {}, norm="FrozenBN", ablation="frozen BN", log=NON_FINITE_LOG, rc=1),
+        _result(8, {"bbox": 50.0, "segm": 40.0, "keypoints": 60.0}),
+        _result(16, {"bbox": 50.5, "segm": 40.0, "keypoints": 59.0}),
+        _result(32, {"bbox": 49.5, "segm": 38.5, "keypoints": 59.2}),
+        _result(64, {"bbox": 48.1, "segm": 38.0, "keypoints": 58.0}),
+        _result(128, {"bbox": 47.5, "segm": 36.0, "keypoints": 57.5}),
+        _result(128, {"bbox": 30.0, "segm": 20.0, "keypoints": 40.0}, ablation="no_warmup"),
+        _result(128, {"bbox": 45.0}, ablation="lamb"),
+        _result(128, {}, ablation="frozen_bn", log=NON_FINITE_LOG, rc=1),
     ]
 
 
-def test_reference_and_relative_ap() -> None:
+def test_reference_and_difference() -> None:
     results = _study()
     ref = lbs.reference_run(results)
-    assert ref is not None and ref.name == "batch8"
-    assert lbs.relative_ap(results[1], ref) == pytest.approx(1.1)
-    assert lbs.relative_ap(results[3], ref, "segm") == pytest.approx(4 / 15)
-    assert lbs.relative_ap(results[5], ref) is None  # diverged: no AP
-    assert lbs.relative_ap(results[1], _result("z", 8, {"bbox": 0.0})) is None  # reference at 0
-    assert lbs.reference_run(results[3:]) is None  # ablations only
+    assert ref is not None and ref.global_batch == 8
+    assert lbs.ap_difference(results[1], ref, "bbox") == pytest.approx(0.5)
+    assert lbs.ap_difference(results[6], ref, "segm") is None  # not predicted
+    assert lbs.ap_difference(results[7], ref, "bbox") is None  # diverged: no AP
+    assert lbs.reference_run(results[5:]) is None  # ablations only
+
+
+def test_goals_check_per_batch_and_task() -> None:
+    rows = lbs.goals_check(_study())
+    verdict = {(r["batch"], r["task"]): r["pass"] for r in rows}
+    assert verdict == {
+        (32, "bbox"): True, (32, "segm"): False, (32, "keypoints"): True,  # -0.5, -1.5, -0.8 vs 1.0
+        (64, "bbox"): True, (64, "segm"): True, (64, "keypoints"): True,  # -1.9, -2.0, -2.0 vs 2.0
+        (128, "bbox"): True, (128, "segm"): False, (128, "keypoints"): True,  # -2.5, -4.0, -2.5 vs 3.0
+    }  # batch 16 has no goal; ablations are not checked
+    assert {r["allowed_drop"] for r in rows if r["batch"] == 64} == {2.0}
+    assert all(r["reference_batch"] == 8 for r in rows)
+    lines = lbs.goals_lines(rows)
+    assert lines[0] == "goal at batch 32: within 1 AP of batch 8 (box -0.5, mask -1.5, kp -0.8): FAIL"
+    assert lines[1].endswith(": PASS")
+    # A run without AP fails its goals; goals key on the ratio to the smallest batch.
+    failed = lbs.goals_check([_result(2, {"bbox": 5.0}), _result(8, {}, rc=1, log="boom")])
+    assert [(r["batch"], r["pass"], r["difference"]) for r in failed] == [(8, False, None)]
+    assert lbs.goals_check([]) == []
 
 
 def test_table_rows() -> None:
     headers, rows = lbs.table_rows(_study())
-    assert headers[9:12] == ["box AP", "mask AP", "box AP / batch 8"]
-    by_name = {row[0]: dict(zip(headers, row)) for row in rows}
-    assert by_name["batch16"]["box AP / batch 8"] == pytest.approx(1.1)
-    assert by_name["batch64"]["k"] == 16 and by_name["batch64"]["sim. devices"] == 32
-    assert by_name["batch64"]["BN images"] == 4 and by_name["batch64_per_device_bn"]["BN images"] == 2
-    assert by_name["batch64_frozen_bn"]["BN images"] == "none"
-    assert by_name["batch64_frozen_bn"]["status"] == "diverged at iteration 7"
-    assert by_name["batch64_frozen_bn"]["box AP"] is None
-    assert by_name["batch64_no_warmup"]["warmup it"] == 0
-    assert by_name["batch64_per_device_bn"]["mask AP"] is None
-    assert by_name["batch8"]["iters"] == "20/20"
+    assert headers == ["run", "batch", "devices x images", "iters", "peak lr", "warmup it", "box AP", "d box",
+                       "mask AP", "d mask", "keypoint AP", "d kp", "wall s", "img/s", "status"]  # fmt: skip
+    by = {row[0]: dict(zip(headers, row)) for row in rows}
+    assert by["batch64"]["devices x images"] == "2 x 32" and by["batch64"]["iters"] == "20/20"
+    assert (by["batch64"]["box AP"], by["batch64"]["d box"], by["batch8"]["d mask"]) == ("48.1", "-1.9", "+0.0")
+    assert by["batch128"]["peak lr"] == pytest.approx(0.016) and by["batch128"]["warmup it"] == 5
+    assert by["batch128_frozen_bn"]["status"] == "diverged at iteration 7"
+    assert by["batch128_frozen_bn"]["box AP"] is None and by["batch128_lamb"]["mask AP"] is None
+    assert by["batch8"]["img/s"] == "16.0" and by["batch8"]["wall s"] == "60"
     text = format_table(headers, rows)  # the shared printer accepts every cell
-    assert "diverged at iteration 7" in text and "none" in text
+    assert "diverged at iteration 7" in text
 
 
 def test_plot_study_writes_a_png(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. matplotlib's "no artists with labels" would fail here
         path = lbs.plot_study(_study(), tmp_path / "sub" / "study.png", title="t")
-        only_failures = lbs.plot_study([_result("b8", 8, {}, log=NON_FINITE_LOG, rc=1)], tmp_path / "f.png")
+        only_failures = lbs.plot_study([_result(8, {}, log=NON_FINITE_LOG, rc=1)], tmp_path / "f.png")
     for p in (path, only_failures):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
 # --------------------------------------------------------------------------------------------------
-# Data set and command line (no training)
+# Running (no training)
 # --------------------------------------------------------------------------------------------------
 
 
 def test_ensure_dataset_generates_once_per_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import megdet.data.synthetic as synthetic
+    from megdet.config import SynthConfig
 
     calls = []
     monkeypatch.setattr(synthetic, "generate_synthetic_coco", lambda root, **kw: calls.append(kw))
-    assert lbs.ensure_dataset(tmp_path, 40, 10, 160) is True
-    assert lbs.ensure_dataset(tmp_path, 40, 10, 160) is False  # same stamp: reused
-    assert lbs.ensure_dataset(tmp_path, 40, 10, 128) is True  # another size: regenerated
+    assert lbs.ensure_dataset(tmp_path, SynthConfig(num_train=40, num_val=10, image_size=160)) is True
+    assert lbs.ensure_dataset(tmp_path, SynthConfig(num_train=40, num_val=10, image_size=160)) is False
+    assert lbs.ensure_dataset(tmp_path, SynthConfig(num_train=40, num_val=10, image_size=128)) is True
     assert [c["image_size"] for c in calls] == [160, 128] and calls[0]["num_train"] == 40
 
 
-def test_train_command(tmp_path: Path) -> None:
-    spec = lbs.build_run_matrix([32])[0]
-    cmd = lbs.train_command(spec, config=Path("configs/study.yaml"), run_dir=tmp_path / "r", extra=["a=1"])
-    assert cmd[1:8] == ["-m", "megdet", "train", "--config", "configs/study.yaml", "--nproc", "2"]
-    assert cmd[8:10] == ["--out", str(tmp_path / "r")]
-    assert cmd[10] == "a=1" and "train.grad_accum_steps=8" in cmd and "model.norm=CrossDeviceBN" in cmd
+def test_wait_gives_the_exit_status_and_cpu_time_of_one_child() -> None:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sum(range(10**6)); sys.exit(3)"])
+    rc, cpu_s, timed_out = lbs._wait(proc)
+    assert rc == 3 and proc.returncode == 3 and cpu_s > 0 and not timed_out
+
+
+def test_wait_stops_a_run_after_its_time_limit() -> None:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.monotonic()
+    rc, _, timed_out = lbs._wait(proc, timeout_s=0.5)
+    assert timed_out and rc == -15 and time.monotonic() - t0 < 10  # SIGTERM was enough
+
+
+def test_run_all_starts_the_longest_runs_first_and_keeps_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+
+    def fake_run_one(spec: lbs.RunSpec, **kwargs) -> lbs.RunResult:
+        started.append(spec.name)
+        time.sleep(0.05 * (128 // spec.global_batch))  # the smallest batch runs longest
+        return _result(spec.global_batch, {"bbox": 1.0}, ablation=spec.ablation)
+
+    monkeypatch.setattr(lbs, "run_one", fake_run_one)
+    specs = lbs.build_run_matrix([32, 64, 128], ["lamb"])
+    results = lbs.run_all(specs, parallel=2)
+    assert set(started[:2]) == {"batch32", "batch64"} and started[2] == "batch128"
+    assert [r.name for r in results] == [s.name for s in specs]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batches", "8,6"], "global batch 6 is not a positive multiple of 4"),
+    (["--batches", "8,7"], "global batch 7 is not a positive multiple of 2 processes"),
+    (["--batches", "6", "--ablations", "bn_groups_2"], "batch6_bn_groups_2: model.bn_group_images=2"),
     (["--epochs", "0"], "--epochs: expected > 0"),
-    (["--image-size", "32"], "--image-size: expected >= 64"),
+    (["--parallel", "2"], "--parallel: only with --device cuda"),
+    (["--ablations", "bogus"], "--ablations: unknown bogus"),
+    (["--run-timeout", "0"], "--run-timeout: expected > 0"),
     (["--config", "nowhere.yaml"], "nowhere.yaml not found"),
-])
+])  # fmt: skip
 def test_bad_arguments_fail_before_any_work(argv: list, message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         lbs.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_quick_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """--quick through runs, evaluation, table, JSON and plot; smaller than its default (1 process, 2 runs
+    of 2 iterations) to keep the suite short."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, res = tmp_path / "runs", tmp_path / "res" / "study.json"
+    argv = ["--quick", "--processes", "1", "--batches", "4", "--ablations", "bn_groups_2", "--epochs", "0.25",
+            "--out", str(out), "--json", str(res), "--data-root", str(tmp_path / "data")]  # fmt: skip
+    assert lbs.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Large mini-batch study" in printed and "batch4_bn_groups_2" in printed
+    data = json.loads(res.read_text())
+    runs = {r["name"]: r for r in data["runs"]}
+    assert list(runs) == ["batch4", "batch4_bn_groups_2"]
+    for r in runs.values():
+        assert r["status"] == "ok" and r["iterations"] == r["total_iters"] == 2
+        assert r["eval_file"] and os.path.isfile(r["eval_file"]) and r["images_per_s"] > 0
+        assert r["command"][r["command"].index("--nproc") + 1] == "1"
+    assert "bn_group_images: 2" in (out / "batch4_bn_groups_2" / "config.yaml").read_text()
+    assert data["settings"]["quick"] and data["goals"]["checks"] == []  # one batch: nothing to compare
+    assert Path(data["plot"]).read_bytes()[:4] == b"\x89PNG"
