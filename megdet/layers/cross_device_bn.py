@@ -271,7 +271,9 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if self.training and self.local_groups > 1 and input.shape[0] > 1:
+        if self.training and self.local_groups > 1:
+            # Never the group's collectives here, whatever this rank's batch: ranks may hold different
+            # numbers of RoIs (0 or 1 included), and only matching calls on every rank may communicate.
             return self._local_groups_forward(input)
         group = _statistics_group(self.group_size) if self.training else None
         if group is None:
@@ -294,7 +296,7 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
     def _local_groups_forward(self, input: torch.Tensor) -> torch.Tensor:
         """Each of ``local_groups`` contiguous slices of the batch normalised with its own statistics;
         the running statistics move towards the mean of the slices' means and unbiased variances."""
-        chunks = torch.tensor_split(input, min(self.local_groups, input.shape[0]))
+        chunks = torch.tensor_split(input, max(1, min(self.local_groups, input.shape[0])))
         update_factor = self._update_factor()
         out = [
             torch.nn.functional.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)

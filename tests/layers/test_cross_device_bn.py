@@ -570,3 +570,21 @@ def test_bn_group_images_reaches_every_layer_and_must_divide_the_device_batch() 
     cfg.model.bn_group_images = 4
     with pytest.raises(ConfigError, match="model.bn_group_images=4 does not divide data.images_per_device=6"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_local_groups_take_any_batch_without_communicating(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A RoI head's batch may hold 0 or 1 RoIs on one rank: no collective may be issued for it.
+    from megdet.layers import collectives, cross_device_bn
+
+    def no_collectives(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a collective was issued with local groups on")
+
+    monkeypatch.setattr(cross_device_bn, "_statistics_group", lambda size: object())
+    monkeypatch.setattr(collectives, "all_reduce", no_collectives)
+    layer = CrossDeviceBatchNorm2d(2)
+    layer.local_groups = 4
+    x = torch.randn(rows, 2, 3, 3, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and layer.weight.grad is not None
