@@ -105,3 +105,25 @@ def test_trace_summary_of_a_cuda_trace() -> None:
 
 def test_parse_size() -> None:
     assert train_step.parse_size("800x1216") == (800, 1216) and train_step.parse_size("512") == (512, 512)
+
+
+def test_a_failing_configuration_is_recorded_and_the_rest_still_runs(monkeypatch, tmp_path: Path) -> None:
+    def row(impl: str, seconds: float) -> dict:
+        return {"impl": impl, "precision": "fp32", "steps": 1, "times_s": [seconds], "gflop_per_step": 2.0,
+                "peak_mb": None, "step_mb": None}  # fmt: skip
+
+    def fake_config(model, batch, height, width, device, args, log) -> dict:
+        if batch == 2:
+            raise RuntimeError("CUDA out of memory")
+        return {"model": model, "batch": batch, "height": height, "width": width,
+                "rows": [row("ours", 0.5), row("torchvision", 1.0)]}  # fmt: skip
+
+    monkeypatch.setattr(train_step, "measure_peaks", lambda device, quick: {"fp32_gemm_gflops": 8.0})
+    monkeypatch.setattr(train_step, "bench_config", fake_config)
+    out = tmp_path / "t.json"
+    result = train_step.main(["--batch", "2,4", "--precision", "fp32", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["complete"] is True
+    failed, ok = result["configs"]
+    assert failed["error"] == "RuntimeError: CUDA out of memory" and "rows" not in failed
+    assert result["ratio_fp32"] == 0.5 and ok["rows"][0]["images_per_s"] == 8.0
+    assert ok["rows"][0]["fraction_of_peak"] == pytest.approx(4.0 / 8.0)
