@@ -303,12 +303,10 @@ def trace_summary(events: Sequence[Any], steps: int, wall_s: float, top: int = 8
             device_events += 1
             if name.startswith("Memcpy DtoH"):
                 copies_dtoh += 1
-            # Skip copies, fills, annotations spanning other kernels (optimizer.step's) and sync records.
-            if (
-                name.startswith(("Memcpy", "Memset"))
-                or "Sync" in name
-                or getattr(e, "is_user_annotation", False)
-            ):
+            # Skip copies, fills, sync records and annotations spanning other kernels (record_function
+            # ranges such as "Optimizer.step#SGD.step", mirrored on the GPU timeline).
+            annotation = getattr(e, "is_user_annotation", False) or "annotation" in str(getattr(e, "activity_type", ""))
+            if name.startswith(("Memcpy", "Memset")) or "Sync" in name or "#" in name or annotation:
                 continue
             kernels += 1
             intervals.append((e.time_range.start, e.time_range.end))

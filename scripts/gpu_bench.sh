@@ -69,7 +69,7 @@ else
   DL_ARGS=(--workers 2 4 8 --batches 20 --repeats 1)
   SL_ARGS=(--device "$DEVICE" --images 4)
   PR_ARGS=(--device "$DEVICE")
-  LIMIT=(150 90 45 75 60)
+  LIMIT=(180 90 45 75 60)
 fi
 H=${SIZE%x*}; W=${SIZE#*x}
 

@@ -85,6 +85,7 @@ def test_trace_summary_of_a_cuda_trace() -> None:
         _event("conv_kernel", 0, 100),
         _event("relu_kernel", 50, 150),  # overlaps the conv: counted once in busy time
         _event("Optimizer.step#SGD.step", 0, 1000, annotation=True),
+        _event("Optimizer.zero_grad#SGD.zero_grad", 0, 1000),  # an annotation without the flag (older torch)
         _event("Memcpy DtoH (Device -> Pinned)", 160, 170),
         _event("Memset (Device)", 170, 171),
         _event("gemm_kernel", 400, 500),
