@@ -2,7 +2,7 @@
 
 The anchor bookkeeping follows torchvision's ``RegionProposalNetwork`` value for value, but runs
 on the whole batch with static shapes so that a training step does not wait on the device: top-k
-per level, one NMS call for all images and levels (the only host sync, inside NMS), and matching,
+per level, NMS of all images and levels in one launch (:mod:`megdet.modeling.nms`), and matching,
 sampling and the losses as masked tensor operations (:mod:`megdet.modeling.box_ops`). The head is
 our own because torchvision's ``RPNHead`` has no norm argument.
 """
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -32,6 +31,7 @@ from megdet.modeling.box_ops import (
     pairwise_iou,
     sample_balanced,
 )
+from megdet.modeling.nms import grouped_nms
 
 
 class RPNHead(nn.Module):
@@ -258,40 +258,38 @@ class RPN(nn.Module):
         return (proposals if padded else proposals.to_list()), losses
 
     def _top_per_level(self, obj: Tensor, level_sizes: list[int], top_n: int) -> tuple[Tensor, Tensor]:
-        """Indices (B, K) of each level's ``top_n`` best anchors per image and their level (K,)."""
-        idx, levels, start = [], [], 0
-        for lvl, n in enumerate(level_sizes):
-            k = min(top_n, n)
-            idx.append(obj[:, start : start + n].topk(k, dim=1).indices + start)
-            levels.append(torch.full((k,), lvl, dtype=torch.int64, device=obj.device))
-            start += n
-        return torch.cat(idx, dim=1), torch.cat(levels)
+        """Each level's ``top_n`` best anchors per image in decreasing score order, as indices
+        (B, L, n) with n = the most any level has, and which slots hold one (L, n) (a level with fewer
+        anchors than n is padded)."""
+        n = min(top_n, max(level_sizes))
+        slots = torch.arange(n, device=obj.device)
+        idx, filled, start = [], [], 0
+        for size in level_sizes:
+            k = min(top_n, size)
+            top = obj[:, start : start + size].topk(k, dim=1).indices + start
+            idx.append(F.pad(top, (0, n - k), value=start))
+            filled.append(slots < k)
+            start += size
+        return torch.stack(idx, dim=1), torch.stack(filled)
 
     @torch.no_grad()
     def _proposals(
         self, obj: Tensor, reg: Tensor, anchors: Tensor, level_sizes: list[int], sizes: list[tuple[int, int]]
     ) -> Proposals:
         mode = "training" if self.training else "testing"
-        num_images, num_levels = obj.shape[0], len(level_sizes)
-        idx, levels = self._top_per_level(obj, level_sizes, self.pre_nms_top_n[mode])
-        scores = obj.gather(1, idx).sigmoid()
-        boxes = decode(gather_rows(reg, idx), anchors[idx], (1.0, 1.0, 1.0, 1.0))  # (B, K, 4)
+        idx, filled = self._top_per_level(obj, level_sizes, self.pre_nms_top_n[mode])  # (B, L, n)
+        flat = idx.flatten(1)
+        scores = obj.gather(1, flat).sigmoid().view(idx.shape)
+        boxes = decode(gather_rows(reg, flat), anchors[flat], (1.0, 1.0, 1.0, 1.0)).view(*idx.shape, 4)
         for i, (h, w) in enumerate(sizes):
-            boxes[i, :, 0::2].clamp_(min=0, max=w)
-            boxes[i, :, 1::2].clamp_(min=0, max=h)
+            boxes[i, ..., 0::2].clamp_(min=0, max=w)
+            boxes[i, ..., 1::2].clamp_(min=0, max=h)
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
-        # One NMS for every (image, level) group: each group shifted by its own multiple of the
-        # largest coordinate so that no two groups overlap; dropped boxes share one extra group.
-        # float64 keeps the shifted coordinates exact.
-        group = torch.arange(num_images, device=obj.device)[:, None] * num_levels + levels
-        group = torch.where(valid, group, num_images * num_levels).to(torch.float64)
-        shifted = boxes.double() + (group * (boxes.max().double() + 1))[..., None]
-        keep = torchvision.ops.nms(shifted.view(-1, 4), scores.reshape(-1).double(), self.nms_thresh)
-        kept = torch.zeros(scores.numel(), dtype=torch.bool, device=obj.device).index_fill_(0, keep, True)
-        ranked = torch.where(kept.view_as(valid) & valid, scores, -1.0)
+        valid = filled & (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        kept = grouped_nms(boxes, valid, self.nms_thresh).flatten(1)
+        ranked = torch.where(kept, scores.flatten(1), -1.0)
         top, order = ranked.topk(min(self.post_nms_top_n[mode], ranked.shape[1]), dim=1)
-        return Proposals(gather_rows(boxes, order), top >= 0)
+        return Proposals(gather_rows(boxes.flatten(1, 2), order), top >= 0)
 
     def _losses(
         self, obj: Tensor, reg: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
