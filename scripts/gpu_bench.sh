@@ -65,11 +65,11 @@ if [ "$DEVICE" = cpu ]; then  # the stand-in: tiny sizes, one step each, R50 kep
 else
   SIZE=800x1216; BATCH=8
   TS_ARGS=(--device "$DEVICE" --profile)
-  TT_ARGS=(--device "$DEVICE" --iters 50 --log-period 10 --workers 8 --num-train 128 --image-size 640)
+  TT_ARGS=(--device "$DEVICE" --iters 50 --log-period 10 --workers 8 --num-train 128 --image-size 640 --timeout 80)
   DL_ARGS=(--workers 2 4 8 --batches 20 --repeats 1)
   SL_ARGS=(--device "$DEVICE" --images 4)
   PR_ARGS=(--device "$DEVICE")
-  LIMIT=(180 90 45 75 60)
+  LIMIT=(180 100 45 75 60)
 fi
 H=${SIZE%x*}; W=${SIZE#*x}
 
