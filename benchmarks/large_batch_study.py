@@ -720,13 +720,30 @@ def _wait(proc: subprocess.Popen, timeout_s: float | None = None) -> tuple[int, 
     return proc.returncode, usage.ru_utime + usage.ru_stime, timed_out
 
 
+RESULT_FILE = "study_result.json"  # a finished run's RunResult, next to its outputs
+
+
+def finished_result(run_dir: Path, command: Sequence[str]) -> RunResult | None:
+    """The recorded result of a run of the same command that finished ``ok`` in ``run_dir``, else None."""
+    try:
+        data = json.loads((run_dir / RESULT_FILE).read_text())
+        result = RunResult(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    return result if result.status == "ok" and list(result.command) == list(command) else None
+
+
 def run_one(spec: RunSpec, *, device: str, processes: int, config: Path, out_dir: Path,
-            common: Sequence[str], timeout_s: float | None = None) -> RunResult:  # fmt: skip
+            common: Sequence[str], timeout_s: float | None = None, keep_finished: bool = False) -> RunResult:  # fmt: skip
     """Trains ``spec`` in a subprocess (its output in RUN_DIR/train.log) and collects its result; a run
-    still going after ``timeout_s`` is stopped and recorded as failed."""
+    still going after ``timeout_s`` is stopped and recorded as failed. With ``keep_finished``, a run
+    that already finished with the same command is read back instead of trained again (so a long CPU
+    study can be run in pieces, across sessions)."""
     run_dir = out_dir / spec.name
-    _prepare_run_dir(run_dir)
     cmd = train_command(spec, device=device, processes=processes, config=config, run_dir=run_dir, common=common)
+    if keep_finished and (done := finished_result(run_dir, cmd)) is not None:
+        return done
+    _prepare_run_dir(run_dir)
     log_path = run_dir / "train.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -738,9 +755,11 @@ def run_one(spec: RunSpec, *, device: str, processes: int, config: Path, out_dir
             proc.wait()
             raise
     wall = time.perf_counter() - t0
-    return make_result(spec, read_run_outputs(run_dir), device=device, processes=processes, exit_code=rc,
-                       log_text=log_path.read_text(errors="replace"), wall_s=wall, cpu_s=cpu_s,
-                       run_dir=str(run_dir), command=cmd, timed_out_s=timeout_s if timed_out else None)  # fmt: skip
+    result = make_result(spec, read_run_outputs(run_dir), device=device, processes=processes, exit_code=rc,
+                         log_text=log_path.read_text(errors="replace"), wall_s=wall, cpu_s=cpu_s,
+                         run_dir=str(run_dir), command=cmd, timed_out_s=timeout_s if timed_out else None)  # fmt: skip
+    (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=1))
+    return result
 
 
 def _one_line(r: RunResult) -> str:
@@ -790,6 +809,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "runs" / NAME), help="folder of the run folders")
     p.add_argument("--json", default=str(RESULTS_DIR / f"{NAME}.json"), help="results file (the PNG goes next to it)")
     p.add_argument("--seed", type=int, default=0, help="train.seed of every run")
+    p.add_argument("--keep-finished", action="store_true", help="read back runs that already finished in"
+                   " --out with the same command instead of training them again")
     p.add_argument("--run-timeout", type=float, default=None, help="minutes after which a run is stopped and"
                    f" recorded as failed (default: none; --quick: {QUICK_RUN_TIMEOUT_MIN:g})")
     args = p.parse_args(argv)  # fmt: skip
@@ -908,7 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan.settings["run_timeout_min"] = minutes
     results = run_all(plan.specs, parallel=args.parallel, device=args.device, processes=args.processes,
                       config=plan.config, out_dir=Path(args.out).resolve(), common=plan.common,
-                      timeout_s=None if minutes is None else 60.0 * minutes)  # fmt: skip
+                      timeout_s=None if minutes is None else 60.0 * minutes,
+                      keep_finished=args.keep_finished)  # fmt: skip
     report(plan, results, Path(args.json).resolve(), time.perf_counter() - started)
     return 1 if any(r.status == "failed" for r in results) else 0
 

@@ -460,3 +460,18 @@ def test_quick_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "bn_group_images: 2" in (out / "batch4_bn_groups_2" / "config.yaml").read_text()
     assert data["settings"]["quick"] and data["goals"]["checks"] == []  # one batch: nothing to compare
     assert Path(data["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_keep_finished_reads_back_only_an_ok_run_of_the_same_command(tmp_path: Path) -> None:
+    import dataclasses
+
+    ok = dataclasses.replace(_result(32, {"bbox": 50.0}), command=["megdet", "train", "a=1"])
+    (tmp_path / lbs.RESULT_FILE).write_text(json.dumps(dataclasses.asdict(ok)))
+    back = lbs.finished_result(tmp_path, ["megdet", "train", "a=1"])
+    assert back is not None and back.ap == {"bbox": 50.0} and back.global_batch == 32
+    assert lbs.finished_result(tmp_path, ["megdet", "train", "a=2"]) is None  # another run in that folder
+    failed = dataclasses.replace(ok, status="failed")
+    (tmp_path / lbs.RESULT_FILE).write_text(json.dumps(dataclasses.asdict(failed)))
+    assert lbs.finished_result(tmp_path, ok.command) is None
+    (tmp_path / lbs.RESULT_FILE).write_text("{not json")
+    assert lbs.finished_result(tmp_path, ok.command) is None
