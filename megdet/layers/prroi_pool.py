@@ -1,7 +1,10 @@
-"""Precise RoI Pooling (Jiang et al. 2018, IoU-Net) in pure PyTorch, for CPU and CUDA.
+"""Precise RoI Pooling (Jiang et al. 2018, IoU-Net): pure PyTorch here, fused Triton kernels on CUDA.
 
 Why our own: the reference implementations (vacancy/PreciseRoIPooling, mmcv.ops.PrRoIPool) are
 CUDA-only extensions, torchvision and detectron2 have none, and we need CPU training and tests.
+``impl="auto"`` (the default) takes :mod:`megdet.layers.prroi_pool_triton` for float32 / bfloat16 /
+float16 CUDA features when Triton imports, and the pure-PyTorch path below otherwise (CPU,
+float64); ``impl="torch"`` / ``"triton"`` force one. Both compute the same numbers.
 
 Semantics. The feature map is a continuous function by bilinear interpolation,
 ``f(x, y) = sum_ij w[i, j] * hat(x - j) * hat(y - i)`` with ``hat(t) = max(0, 1 - |t|)``, element
@@ -305,12 +308,10 @@ def _pool(
         return ref[:0].reshape(0, c, ph, pw)
     if use_triton:
         lvl = None if levels is None else levels.to(ref.device, torch.int64)
-        with torch.no_grad():
-            checks = _value_checks(rois.detach().float(), lvl)
-        out = _triton_module().prroi_pool_triton(features, rois, lvl, (ph, pw), scales)
-        # The one host sync, after the launch so that the GPU is not idle while the host prepares
-        # it (the kernels clamp batch indices and levels, so bad values cannot read out of bounds).
-        _raise_on_bad_values(checks.tolist(), n_img, len(features))
+        out, status = _triton_module().prroi_pool_triton(features, rois, lvl, (ph, pw), scales)
+        # The forward kernel reports what _value_checks computes; its one host sync comes after
+        # the launch, so the GPU is not idle while the host prepares it.
+        _raise_on_bad_values(status.tolist(), n_img, len(features))
         return out
     return _pool_torch(features, rois, levels, ph, pw, scales)
 

@@ -11,10 +11,15 @@ docstring): the map is the bilinear interpolant, a bin pools to the exact integr
 divided by its area, no -0.5 offset, RoI sizes clamped at 0, a zero-area bin gives 0 and zero
 gradients, the batch-index column gets zero gradient.
 
-Layout. All pyramid levels are copied into one channels-last buffer ``(sum_l N * H_l * W_l, C)``
-so that every kernel reads (and the backward atomically adds) contiguous runs of a channel block,
-and a single launch serves every level: per RoI the kernel looks up its level's row offset, H, W
-and spatial scale in two tiny tables.
+Layout. All pyramid levels are copied (tiled transposes) into one channels-last buffer
+``(sum_l N * H_l * W_l, C)`` so that every kernel reads (and the backward atomically adds)
+contiguous runs of a channel block, and a single launch serves every level: per RoI the kernel
+looks up its level's row offset, H, W and spatial scale in two tiny cached tables. The float32
+feature gradient is transposed back to each level's layout and dtype at the end.
+
+Host cost. A training step pays the host's time per call, not only the kernels': the forward also
+reports what the host must check (batch indices, levels, finite coordinates) through a 6-value
+status buffer, read once after the launch, instead of a dozen small ops before it.
 
 Kernels (all accumulate in float32; features may be float32, bfloat16 or float16):
 
@@ -45,17 +50,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Launch shapes. Channels per program (a warp's 32 threads take one channel each, so the sum over
-# the bins of a row stays inside a thread) and, for the feature gradient, how many programs share
-# one RoI's window rows (a large RoI's window is many times a small one's: splitting its rows
-# evens out the programs' lengths).
+# Launch shapes, from a sweep on an H200 (benchmarks/prroi_pool.py inputs). Channels per program
+# (a warp's 32 threads take one channel each, so the sum over the bins of a row stays inside a
+# thread; the backward was faster with one warp of 32 channels than with 2 x 64 or 4 x 128) and,
+# for the feature gradient, how many programs share one RoI's window rows (a large RoI's window is
+# many times a small one's: splitting its rows evens out the programs' lengths).
 FWD_BLOCK_C, FWD_WARPS = 64, 2
 BWD_BLOCK_C, BWD_WARPS = 32, 1
 FEAT_ROW_SPLIT = 4
-# The feature gradient by RoI window (each cell once per RoI, weights per cell) or by bin row
-# (cells shared by two bin rows added twice, cheaper weights).
-FEAT_BY_BIN_ROW = False
 TRANSPOSE_BLOCK = 64
+CACHE_TABLES = True
+_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+_STATUS_INIT: dict[tuple, Tensor] = {}
 
 
 def _device_function(fn):
@@ -115,7 +121,7 @@ def _cell_range(lo, hi, n):
 
 @triton.jit
 def _prroi_fwd_kernel(
-    feat_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, out_ptr, C, N, L,
+    feat_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, out_ptr, status_ptr, C, N, L,
     PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
     BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -153,6 +159,26 @@ def _prroi_fwd_kernel(
     out_offs = r.to(tl.int64) * C * PH * PW + offs_c[None, :] * (PH * PW) + p * PW + offs_q[:, None]
     mask = (offs_q < PW)[:, None] & mask_c[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _report_values(rois_ptr, levels_ptr, status_ptr, r, (p == 0) & (cb == 0), HAS_LEVELS)
+
+
+@_device_function
+def _report_values(rois_ptr, levels_ptr, status_ptr, r, report, HAS_LEVELS: tl.constexpr):
+    """What the host checks after the launch, in place of a dozen small ops before it: status =
+    [any non-integer batch index, min and max batch index, any non-finite coordinate, min and max
+    level], reduced over the RoIs with atomics (``report``: one program per RoI)."""
+    b = tl.load(rois_ptr + r * 5)
+    coords = tl.load(rois_ptr + r * 5 + 1 + tl.arange(0, 4))
+    # NaN compares unequal to itself; the largest finite float32 bounds the rest.
+    non_finite = tl.max(((coords != coords) | (tl.abs(coords) > 3.4028234e38)).to(tl.float32), axis=0)
+    tl.atomic_max(status_ptr, (b != tl.floor(b)).to(tl.float32), mask=report, sem="relaxed")
+    tl.atomic_min(status_ptr + 1, b, mask=report, sem="relaxed")
+    tl.atomic_max(status_ptr + 2, b, mask=report, sem="relaxed")
+    tl.atomic_max(status_ptr + 3, non_finite, mask=report, sem="relaxed")
+    if HAS_LEVELS:
+        lvl = tl.load(levels_ptr + r).to(tl.float32)
+        tl.atomic_min(status_ptr + 4, lvl, mask=report, sem="relaxed")
+        tl.atomic_max(status_ptr + 5, lvl, mask=report, sem="relaxed")
 
 
 @triton.jit
@@ -207,49 +233,6 @@ def _prroi_bwd_feat_kernel(
             wx = _hat_prim(xb - fj) - _hat_prim(xa - fj)
             g = tl.sum(wx[:, None] * u, axis=0)
             tl.atomic_add(grad_feat_ptr + (row + j) * C + offs_c, g, mask=mask_c, sem="relaxed")
-
-
-@triton.jit
-def _prroi_bwd_feat_bins_kernel(
-    grad_out_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, grad_feat_ptr, C, N, L,
-    stride_r, stride_c, stride_p, stride_q,
-    PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
-    BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """The feature gradient by bin row (the forward's transpose): one program per (RoI, bin row p,
-    channel block) adds ``Ay[p, i] * sum_q Ax[q, j] dOut[p, q] / area`` to each touched cell."""
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    cb = tl.program_id(2)
-    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(
-        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
-    )
-    area = (rw / PW) * (rh / PH)
-    valid = area > 0.0
-    inv_area = tl.where(valid, 1.0 / tl.where(valid, area, 1.0), 0.0)
-    ya = y1 + rh * (tl.cast(p, tl.float32) / PH)
-    yb = y1 + rh * (tl.cast(p + 1, tl.float32) / PH)
-    offs_q = tl.arange(0, BLOCK_PW)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask = (offs_q < PW)[:, None] & mask_c[None, :]
-    go_offs = (
-        r.to(tl.int64) * stride_r + offs_c[None, :] * stride_c + p * stride_p + offs_q[:, None] * stride_q
-    )
-    d = tl.load(grad_out_ptr + go_offs, mask=mask, other=0.0).to(tl.float32) * inv_area
-    xa = x1 + rw * (offs_q.to(tl.float32) / PW)
-    xb = x1 + rw * ((offs_q + 1).to(tl.float32) / PW)
-    i_lo, i_hi = _cell_range(ya, yb, h)
-    j_lo, j_hi = _cell_range(x1, x1 + rw, w)
-    j_hi = tl.where(valid, j_hi, j_lo - 1)
-    for j in range(j_lo, j_hi + 1):
-        fj = tl.cast(j, tl.float32)
-        wx = _hat_prim(xb - fj) - _hat_prim(xa - fj)
-        t = tl.sum(wx[:, None] * d, axis=0)
-        for i in range(i_lo, i_hi + 1):
-            fi = tl.cast(i, tl.float32)
-            wy = _hat_prim(yb - fi) - _hat_prim(ya - fi)
-            tl.atomic_add(grad_feat_ptr + (base + i * w + j) * C + offs_c, wy * t, mask=mask_c, sem="relaxed")
 
 
 @triton.jit
@@ -400,10 +383,7 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         dev = features[0].device
         n_img, c = features[0].shape[:2]
         flat, starts = _to_flat_channels_last(features)
-        level_meta = _device_table(
-            [[s, f.shape[2], f.shape[3]] for s, f in zip(starts, features)], torch.int64, dev
-        )
-        scales = _device_table(meta["scales"], torch.float32, dev)
+        level_meta, scales = _level_tables(starts, [f.shape[2:] for f in features], meta["scales"], dev)
         rois32 = rois.detach().to(torch.float32).contiguous()
         lv = levels.contiguous() if levels is not None else rois32  # unused without levels
         k = rois.shape[0]
@@ -411,8 +391,8 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         block_pw, block_c, warps = _blocks(c, pw)
         grid = (k, ph, triton.cdiv(c, block_c))
         _prroi_fwd_kernel[grid](
-            flat, rois32, lv, level_meta, scales, out, c, n_img, len(features), ph, pw, levels is not None,
-            block_pw, block_c, num_warps=warps,
+            flat, rois32, lv, level_meta, scales, out, meta["status"], c, n_img, len(features), ph, pw,
+            levels is not None, block_pw, block_c, num_warps=warps,
         )  # fmt: skip
         ctx.meta = meta
         ctx.has_levels = levels is not None
@@ -441,16 +421,10 @@ class _PrRoIPoolTriton(torch.autograd.Function):
         if any(need_feat):
             grad_flat = torch.zeros((ctx.num_rows, c), dtype=torch.float32, device=go.device)
             block_pw, block_c, warps = _blocks(c, pw, backward=True)
-            if FEAT_BY_BIN_ROW:
-                _prroi_bwd_feat_bins_kernel[(k, ph, triton.cdiv(c, block_c))](
-                    go, rois32, lv, level_meta, scales, grad_flat, c, n_img, n_levels, *strides, ph, pw,
-                    ctx.has_levels, block_pw, block_c, num_warps=warps,
-                )  # fmt: skip
-            else:
-                _prroi_bwd_feat_kernel[(k, triton.cdiv(c, block_c), FEAT_ROW_SPLIT)](
-                    go, rois32, lv, level_meta, scales, grad_flat, c, n_img, n_levels, *strides,
-                    FEAT_ROW_SPLIT, ph, pw, ctx.has_levels, block_pw, block_c, num_warps=warps,
-                )  # fmt: skip
+            _prroi_bwd_feat_kernel[(k, triton.cdiv(c, block_c), FEAT_ROW_SPLIT)](
+                go, rois32, lv, level_meta, scales, grad_flat, c, n_img, n_levels, *strides,
+                FEAT_ROW_SPLIT, ph, pw, ctx.has_levels, block_pw, block_c, num_warps=warps,
+            )  # fmt: skip
             for lvl, ((shape, dtype, fmt), start) in enumerate(zip(ctx.feature_meta, ctx.starts)):
                 if need_feat[lvl]:
                     grad_features[lvl] = _level_gradient(grad_flat, start, shape, dtype, fmt)
@@ -483,6 +457,22 @@ def _level_gradient(
     return out
 
 
+def _level_tables(
+    starts: list[int], sizes: list[torch.Size], scales: list[float], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per level (first row in the flat buffer, H, W) int64 and the spatial scales float32, on
+    ``device``; cached, since a run sees few distinct padded batch shapes."""
+    key = (device, tuple(starts), tuple(tuple(s) for s in sizes), tuple(scales))
+    tables = _TABLES.get(key) if CACHE_TABLES else None
+    if tables is None:
+        meta = [[s, int(hw[0]), int(hw[1])] for s, hw in zip(starts, sizes)]
+        tables = (_device_table(meta, torch.int64, device), _device_table(scales, torch.float32, device))
+        if len(_TABLES) >= 64:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = tables
+    return tables
+
+
 def _device_table(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small tensor of Python values on ``device``; on CUDA copied from pinned memory without
     blocking (a pageable copy would wait for the whole stream)."""
@@ -504,11 +494,13 @@ def prroi_pool_triton(
     levels: Tensor | None,
     output_size: tuple[int, int],
     scales: Sequence[float],
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """PrRoIPool of RoI k from ``features[levels[k]]`` (all of ``features[0]`` when ``levels`` is
-    None) through the Triton kernels; arguments already validated by the caller
+    None) through the Triton kernels, shapes already checked by the caller
     (:func:`megdet.layers.prroi_pool.prroi_pool_levels`). Differentiable w.r.t. the features and
-    the RoIs."""
+    the RoIs. Returns the output and, on the device, the values the caller must check (see
+    ``megdet.layers.prroi_pool._raise_on_bad_values``): bad batch indices or levels are clamped
+    by the kernels, so they cannot read out of bounds before the check."""
     if features[0].dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"prroi_pool: the Triton path takes float32/bfloat16/float16 features, got {features[0].dtype}"
@@ -517,6 +509,18 @@ def prroi_pool_triton(
         raise ValueError(
             "prroi_pool: the Triton path needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones)"
         )
-    meta = {"output_size": tuple(output_size), "scales": [float(s) for s in scales]}
-    with torch.autocast(features[0].device.type, enabled=False):
-        return _PrRoIPoolTriton.apply(meta, levels, rois, *features)
+    dev = features[0].device
+    status = _status_init(dev, levels is not None).clone()
+    meta = {"output_size": tuple(output_size), "scales": [float(s) for s in scales], "status": status}
+    with torch.autocast(dev.type, enabled=False):
+        return _PrRoIPoolTriton.apply(meta, levels, rois, *features), status
+
+
+def _status_init(device: torch.device, has_levels: bool) -> Tensor:
+    """The identity of the status reduction (levels reported as 0 when there are none), cached."""
+    key = (device, has_levels)
+    if key not in _STATUS_INIT:
+        inf = float("inf")
+        lv = [inf, -inf] if has_levels else [0.0, 0.0]
+        _STATUS_INIT[key] = _device_table([0.0, inf, -inf, 0.0, *lv], torch.float32, device)
+    return _STATUS_INIT[key]
