@@ -285,7 +285,8 @@ class RPN(nn.Module):
             boxes[i, ..., 0::2].clamp_(min=0, max=w)
             boxes[i, ..., 1::2].clamp_(min=0, max=h)
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        valid = filled & (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        valid = filled & (widths >= self.min_size) & (heights >= self.min_size)
+        valid &= scores >= self.score_thresh
         kept = grouped_nms(boxes, valid, self.nms_thresh).flatten(1)
         ranked = torch.where(kept, scores.flatten(1), -1.0)
         top, order = ranked.topk(min(self.post_nms_top_n[mode], ranked.shape[1]), dim=1)
