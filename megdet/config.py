@@ -211,6 +211,8 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16
     sublinear_memory: str = "off"  # off | stages | blocks | nested: granularity of activation recomputation
     grad_clip: float = 0.0  # max gradient norm; 0 disables
+    # NHWC activations: auto = on for CUDA with bf16/fp16 autocast (where it measured faster), else off
+    channels_last: str = "auto"  # auto | on | off
     grad_accum_steps: int = 1
     checkpoint_period: int = 500  # iterations
     keep_checkpoints: int = 3

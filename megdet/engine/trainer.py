@@ -111,6 +111,7 @@ def check_train_config(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.max_iters: expected -1 (from solver.epochs) or >= 1, got {t.max_iters}")
     require_choice("train.amp", t.amp, AMP_MODES, "mode")
     require_choice("train.sublinear_memory", t.sublinear_memory, SUBLINEAR_MODES, "mode")
+    require_choice("train.channels_last", t.channels_last, ("auto", "on", "off"), "mode")
     require_at_least((
         ("train.grad_accum_steps", t.grad_accum_steps, 1),
         ("train.checkpoint_period", t.checkpoint_period, 1),
@@ -236,6 +237,15 @@ def recompute_names(model: nn.Module, mode: str) -> list[str]:
         if not split or mode == "nested":
             names.append(name)
     return names
+
+
+def use_channels_last(mode: str, device_type: str, amp: str) -> bool:
+    """``train.channels_last``: ``auto`` is on only for CUDA under bf16/fp16 autocast, where reduced-precision
+    convolutions run NHWC and NCHW activations cost a layout conversion around each of them; on CPU
+    (oneDNN) NHWC made the training step slower (BENCHMARKS.md)."""
+    if mode == "auto":
+        return device_type == "cuda" and amp in ("bf16", "fp16")
+    return mode == "on"
 
 
 def _autocast(amp: str, device_type: str) -> contextlib.AbstractContextManager:
@@ -560,6 +570,9 @@ def _run(
                 f"{ckpt_path}: {e}; resume with the model settings it was trained with ({out_dir / 'config.yaml'})"
             ) from None
     model.to(device)
+    if use_channels_last(t.channels_last, device.type, t.amp):
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
     recompute = recompute_names(model, t.sublinear_memory)
     if recompute:
         from megdet.layers.recompute import apply_recompute

@@ -515,3 +515,11 @@ def test_trains_and_resumes_on_cuda(tiny_cfg, amp: str) -> None:
     lines = [m for m in _metrics(Path(first["out_dir"])) if "total_loss" in m]
     assert [m["iter"] for m in lines] == [1, 2, 3]
     assert all(m["memory_mb"] > 0 and torch.isfinite(torch.tensor(m["total_loss"])) for m in lines)
+
+
+def test_channels_last_auto_only_for_reduced_precision_on_cuda() -> None:
+    from megdet.engine.trainer import use_channels_last
+
+    assert use_channels_last("auto", "cuda", "bf16") and use_channels_last("auto", "cuda", "fp16")
+    assert not use_channels_last("auto", "cuda", "off") and not use_channels_last("auto", "cpu", "bf16")
+    assert use_channels_last("on", "cpu", "off") and not use_channels_last("off", "cuda", "bf16")
