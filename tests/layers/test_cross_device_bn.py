@@ -452,21 +452,25 @@ def _detector_batch() -> tuple[torch.Tensor, list[tuple[int, int]], list[dict[st
     return images, [(64, 64), (64, 64)], targets
 
 
-def _first_k_randperm(n: int, **kwargs: Any) -> torch.Tensor:
-    # The RPN and RoI samplers pick random subsets; with the identity "permutation" they pick the same
-    # anchors / RoIs for an image whether it is sampled alone or next to another image. Every image then
-    # has exactly batch_size_per_image samples, so the per-rank loss means average to the global one.
-    return torch.arange(n, device=kwargs.get("device"))
+def _first_k_keys(shape: Any, device: Any) -> torch.Tensor:
+    # The RPN and RoI samplers take the top-k of random keys; with keys falling along the candidates they
+    # pick the same anchors / RoIs for an image whether it is sampled alone or next to another image.
+    # Every image then has exactly batch_size_per_image samples, so the per-rank loss means average to
+    # the global one.
+    n = shape[-1]
+    return (1.0 - torch.arange(n, dtype=torch.float64, device=device) / max(n, 1)).expand(shape).clone()
 
 
 def _detector_step(model: nn.Module, images, sizes, targets) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    original = torch.randperm
-    torch.randperm = _first_k_randperm
+    from megdet.modeling import box_ops
+
+    original = box_ops.random_keys
+    box_ops.random_keys = _first_k_keys
     try:
         losses = model(images, sizes, targets)
         sum(losses.values()).backward()
     finally:
-        torch.randperm = original
+        box_ops.random_keys = original
     return {k: v.detach() for k, v in losses.items()}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from drawn_targets import shape_and_person
 from torchvision.ops import box_iou
 
 from megdet.config import Config, ConfigError, load_config
@@ -44,15 +45,7 @@ def _batch(size: int = 64) -> tuple[torch.Tensor, list[tuple[int, int]], list[di
     """Two images: one with a shape and a person (keypoints), one without any object."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, size, size, generator=g)
-    masks = torch.zeros(2, size, size, dtype=torch.uint8)
-    masks[0, 4:30, 6:28] = 1
-    masks[1, 30:62, 34:60] = 1
-    kps = torch.zeros(2, K, 3)
-    kps[1, :, 0] = torch.linspace(36, 58, K)
-    kps[1, :, 1] = torch.linspace(32, 60, K)
-    kps[1, :, 2] = 2
-    full = {"boxes": torch.tensor([[6.0, 4.0, 28.0, 30.0], [34.0, 30.0, 60.0, 62.0]]),
-            "labels": torch.tensor([1, 3]), "masks": masks, "keypoints": kps}  # fmt: skip
+    full = shape_and_person(size)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
              "masks": torch.zeros(0, size, size, dtype=torch.uint8), "keypoints": torch.zeros(0, K, 3)}  # fmt: skip
     return images, [(size, size), (size - 8, size - 4)], [full, empty]

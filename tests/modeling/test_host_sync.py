@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from drawn_targets import shape_and_person
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megdet.config import load_config
@@ -105,15 +106,7 @@ def _batch(size: int = 64) -> tuple[torch.Tensor, list[tuple[int, int]], list[di
     """Three images: two objects (one a person with keypoints), one object, none."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, size, size, generator=g)
-    masks = torch.zeros(2, size, size, dtype=torch.uint8)
-    masks[0, 4:30, 6:28] = 1
-    masks[1, 30:62, 34:60] = 1
-    kps = torch.zeros(2, K, 3)
-    kps[1, :, 0] = torch.linspace(36, 58, K)
-    kps[1, :, 1] = torch.linspace(32, 60, K)
-    kps[1, :, 2] = 2
-    two = {"boxes": torch.tensor([[6.0, 4.0, 28.0, 30.0], [34.0, 30.0, 60.0, 62.0]]),
-           "labels": torch.tensor([1, 3]), "masks": masks, "keypoints": kps}  # fmt: skip
+    two = shape_and_person(size)
     one = {k: v[1:] for k, v in two.items()}
     empty = {k: v[:0] for k, v in two.items()}
     return images, [(size, size), (size - 8, size - 4), (size, size - 16)], [two, one, empty]
