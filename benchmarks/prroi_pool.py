@@ -41,7 +41,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,17 @@ def fwd_bwd(pooler: MultiLevelPooler, features: list[torch.Tensor], boxes: list[
     pooler(features, boxes).sum().backward()
 
 
+def _rounds(poolers: dict[str, MultiLevelPooler], features: list[torch.Tensor], boxes: list[torch.Tensor],
+            repeats: int, warmup: int) -> Iterator[str]:
+    """Runs the warm-up calls, then yields the implementations of ``repeats`` interleaved rounds in call
+    order: every implementation once per round, the order alternating between rounds."""
+    for _ in range(warmup):
+        for name in IMPLS:
+            fwd_bwd(poolers[name], features, boxes)
+    for r in range(repeats):
+        yield from (IMPLS if r % 2 == 0 else IMPLS[::-1])
+
+
 def measure(
     poolers: dict[str, MultiLevelPooler],
     features: list[torch.Tensor],
@@ -95,16 +106,12 @@ def measure(
     warmup: int,
 ) -> dict[str, dict[str, list[float]]]:
     """Interleaved rounds; each round runs every implementation once, alternating the order."""
-    for _ in range(warmup):
-        for name in IMPLS:
-            fwd_bwd(poolers[name], features, boxes)
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in IMPLS}
-    for r in range(repeats):
-        for name in IMPLS if r % 2 == 0 else IMPLS[::-1]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            fwd_bwd(poolers[name], features, boxes)
-            times[name]["cpu"].append(time.process_time() - c0)
-            times[name]["wall"].append(time.perf_counter() - w0)
+    for name in _rounds(poolers, features, boxes, repeats, warmup):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fwd_bwd(poolers[name], features, boxes)
+        times[name]["cpu"].append(time.process_time() - c0)
+        times[name]["wall"].append(time.perf_counter() - w0)
     return times
 
 
@@ -117,21 +124,17 @@ def measure_cuda(
 ) -> dict[str, dict[str, list[float]]]:
     """As :func:`measure` on a GPU: per call the CUDA-event time ("gpu") and the wall-clock time
     between two synchronisations ("wall"), in seconds."""
-    for _ in range(warmup):
-        for name in IMPLS:
-            fwd_bwd(poolers[name], features, boxes)
-    torch.cuda.synchronize()
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "gpu": []} for name in IMPLS}
-    for r in range(repeats):
-        for name in IMPLS if r % 2 == 0 else IMPLS[::-1]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            w0 = time.perf_counter()
-            start.record()
-            fwd_bwd(poolers[name], features, boxes)
-            end.record()
-            torch.cuda.synchronize()
-            times[name]["wall"].append(time.perf_counter() - w0)
-            times[name]["gpu"].append(start.elapsed_time(end) / 1e3)
+    for name in _rounds(poolers, features, boxes, repeats, warmup):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        w0 = time.perf_counter()
+        start.record()
+        fwd_bwd(poolers[name], features, boxes)
+        end.record()
+        torch.cuda.synchronize()
+        times[name]["wall"].append(time.perf_counter() - w0)
+        times[name]["gpu"].append(start.elapsed_time(end) / 1e3)
     return times
 
 
