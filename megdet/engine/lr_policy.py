@@ -398,10 +398,9 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
                 continue
             seen.add(id(p))
             (no_decay if norm or name == "bias" else decay).append(p)
-    # LARS / LAMB adapt only the decayed group's rates (norm parameters and biases take plain steps).
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": weight_decay_norm, "layerwise": False},
+        {"name": "no_decay", "params": no_decay, "weight_decay": weight_decay_norm},
     ]
     return [g for g in groups if g["params"]]
 
@@ -419,9 +418,9 @@ def build_optimizer(
         raise ConfigError("the model has no trainable parameters; check model.trainable_layers")
     b1, b2 = (float(b) for b in (betas if betas else solver_cfg.betas))
     name = solver_cfg.optimizer
-    if name in ("sgd", "adamw"):
-        for g in groups:  # torch's optimizers reject unknown keys in param groups
-            g.pop("layerwise", None)
+    if name in ("lars", "lamb"):
+        for g in groups:  # only the decayed group's rates adapt; norm parameters and biases take plain steps
+            g["layerwise"] = g["name"] == "decay"
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2))
     if name == "lamb":

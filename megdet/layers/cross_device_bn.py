@@ -292,7 +292,6 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
             group,
         )
 
-
     def _local_groups_forward(self, input: torch.Tensor) -> torch.Tensor:
         """Each of ``local_groups`` contiguous slices of the batch normalised with its own statistics;
         the running statistics move towards the mean of the slices' means and unbiased variances."""
