@@ -919,7 +919,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # ConfigError is a ValueError
         args.error(str(e))
     started = time.perf_counter()
-    generated = ensure_dataset(plan.data_root, plan.synth)
+    # On a GPU machine the runs wait for the dataset: generate it with every core there.
+    workers = CPU_PROCESSES if args.device == "cpu" else max(1, os.cpu_count() or 1)
+    generated = ensure_dataset(plan.data_root, plan.synth, workers=workers)
     print(f"dataset {plan.data_root}: {plan.synth.num_train} train / {plan.synth.num_val} val images of"
           f" {plan.synth.image_size} px ({'generated' if generated else 'already there'})")  # fmt: skip
     how = f"{args.parallel} at a time" if args.parallel > 1 else "one at a time"

@@ -54,7 +54,8 @@ from megdet.layers.norm import convert_frozen_batchnorm
 from megdet.modeling.detector import GeneralizedRCNN, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLS = ("ours", "torchvision")
+# ours_prroi: ours with the Precise RoI Pooling pooler (same weights), timed against ours (RoIAlign).
+IMPLS = ("ours", "torchvision", "ours_prroi")
 PRECISIONS = ("fp32", "bf16")
 MODELS = ("faster", "mask")
 BOXES_PER_IMAGE = 6
@@ -81,7 +82,7 @@ Run = Callable[[], None]
 # --------------------------------------------------------------------------------------------------
 
 
-def ours_overrides(model: str) -> list[str]:
+def ours_overrides(model: str, pooler: str = "roialign") -> list[str]:
     """The config overrides (on the default Config) of our model at the benchmark's settings."""
     s = SETTINGS
     return [
@@ -94,16 +95,16 @@ def ours_overrides(model: str) -> list[str]:
         f"model.rpn.positive_fraction={s['rpn_positive_fraction']}",
         f"model.roi.batch_size_per_image={s['box_batch_size_per_image']}",
         f"model.roi.positive_fraction={s['box_positive_fraction']}",
-        "model.roi.box_head=2fc", "model.roi.box_head_dim=1024", "model.roi.pooler=roialign",
+        "model.roi.box_head=2fc", "model.roi.box_head_dim=1024", f"model.roi.pooler={pooler}",
         # torchvision's mask branch: 4 convs of 256, 14x14 RoIAlign, every foreground RoI.
         f"model.mask_on={'true' if model == 'mask' else 'false'}", "model.roi.mask_head_convs=4",
         "model.roi.mask_head_dim=256", "model.roi.mask_pool_size=14", "model.roi.max_mask_keypoint_rois=0",
     ]  # fmt: skip
 
 
-def build_ours(model: str = "faster") -> GeneralizedRCNN:
-    """Our detector (``model``: faster | mask) at the benchmark's settings."""
-    return build_model(load_config(None, ours_overrides(model)))
+def build_ours(model: str = "faster", pooler: str = "roialign") -> GeneralizedRCNN:
+    """Our detector (``model``: faster | mask) at the benchmark's settings, with the ``pooler`` RoI pooler."""
+    return build_model(load_config(None, ours_overrides(model, pooler)))
 
 
 def build_torchvision(model: str = "faster", height: int = 512, width: int = 512) -> torch.nn.Module:
@@ -368,12 +369,17 @@ def count_sync_warnings(run: Run, top: int = 8) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_pair(model: str, height: int, width: int, device: torch.device) -> dict[str, torch.nn.Module]:
-    """Ours and torchvision's ``model`` with the same weights, on ``device``."""
+def build_pair(
+    model: str, height: int, width: int, device: torch.device, impls: Sequence[str] = ("ours", "torchvision")
+) -> dict[str, torch.nn.Module]:
+    """The ``impls`` of ``model`` (ours, torchvision, ours_prroi) with the same weights, on ``device``."""
     torch.manual_seed(0)
-    pair = {"ours": build_ours(model), "torchvision": build_torchvision(model, height, width)}
-    copy_weights(pair["torchvision"], pair["ours"])
-    return {name: m.to(device) for name, m in pair.items()}
+    nets = {"ours": build_ours(model), "torchvision": build_torchvision(model, height, width)}
+    copy_weights(nets["torchvision"], nets["ours"])
+    if "ours_prroi" in impls:  # the poolers have no parameters: the same state_dict fits
+        nets["ours_prroi"] = build_ours(model, pooler="prroi")
+        nets["ours_prroi"].load_state_dict(nets["ours"].state_dict())
+    return {name: nets[name].to(device) for name in impls}
 
 
 def step_counts(args: argparse.Namespace, device: torch.device) -> tuple[int, int, int]:
@@ -402,7 +408,7 @@ def bench_config(
 ) -> dict[str, Any]:
     """Every (implementation, precision) run of one model at one batch size: timings, FLOPs, memory, profile."""
     warmup, iters, bf16_steps = step_counts(args, device)
-    nets = build_pair(model, height, width, device)
+    nets = build_pair(model, height, width, device, args.impls)
     images, targets = make_data(batch, height, width, masks=model == "mask")
     images = images.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -507,6 +513,9 @@ def add_ratios(config: dict[str, Any], peak_gflops: float) -> None:
         tv_fp32, tv_same = med.get(("torchvision", "fp32")), med.get(("torchvision", r["precision"]))
         r["ratio_vs_torchvision_fp32"] = r["median_s"] / tv_fp32 if tv_fp32 else None
         r["ratio_vs_torchvision_same_precision"] = r["median_s"] / tv_same if tv_same else None
+        roialign = med.get(("ours", r["precision"]))
+        if r["impl"] == "ours_prroi" and roialign:
+            r["ratio_vs_ours_roialign_same_precision"] = r["median_s"] / roialign
 
 
 def print_summary(configs: list[dict[str, Any]], peak_name: str) -> None:
@@ -529,6 +538,11 @@ def print_summary(configs: list[dict[str, Any]], peak_name: str) -> None:
                   f"{f(p.get('kernel_busy_fraction_of_median_step'), '5.0%')} {f(p.get('kernels_per_step'), '7.0f')} "
                   f"{f(p.get('host_syncs_per_step'), '7.1f')}")  # fmt: skip
     print(f"(of peak: achieved FLOP/s / {peak_name}; busy: GPU kernel time per profiled step / median step)")
+    for c in configs:
+        for r in c["rows"]:
+            if "ratio_vs_ours_roialign_same_precision" in r:
+                print(f"prroi step / roialign step, {c['model']} batch {c['batch']} {r['precision']}: "
+                      f"{r['ratio_vs_ours_roialign_same_precision']:.3f}")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue #14's GPU benchmarks in one go, from the repository root of a GPU machine whose python3 has
 # torch, torchvision, matplotlib and tensorboard (no network needed):
-#   OUT=/some/dir bash scripts/gpu_bench.sh          # about 4 minutes on one H200
+#   OUT=/some/dir bash scripts/gpu_bench.sh          # at most about 5 minutes on one H200
 #   DEVICE=cpu PY=.venv/bin/python OUT=/tmp/gb bash scripts/gpu_bench.sh   # tiny CPU stand-in: the script runs end to end
 # Parts, in order of importance, each under `timeout` so that one failing or hanging does not stop the
 # rest (its exit code is logged):
-#   1. benchmarks/train_step.py: faster,mask x batch 2,8 x fp32,bf16 at 800x1216, ours vs torchvision, --profile
+#   1. benchmarks/train_step.py: faster,mask x batch 2,8 x fp32,bf16 at 800x1216, ours vs torchvision, --profile;
+#      then Mask R-CNN batch 8 bf16 with the prroi pooler against the roialign one (ours_prroi vs ours)
 #   2. benchmarks/trainer_throughput.py: `megdet train` on synthetic data vs the step benchmark (goal >= 0.9)
 #   3. benchmarks/data_loader.py: does the trainer's loader keep up with the step's images/s (2, 4, 8 workers)?
 #   4. benchmarks/sublinear_memory.py --device cuda
@@ -13,7 +14,8 @@
 # Parts 2 and 3 read COCO files, which needs pycocotools: if python3 lacks it, a wheel in .whl/ (fetched
 # here with `bash scripts/gpu_tests.sh fetch`; carry .whl along) is installed under /tmp/megdet-site;
 # without either they are skipped. $OUT receives at most 7 files: gpu_bench.log (every part's output) and
-# one JSON per part.
+# one JSON per part. BENCH_LIMITS overrides the parts' time limits (seconds, in the order
+# train_step, trainer_throughput, data_loader, sublinear_memory, prroi_pool, train_step_prroi).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
@@ -61,19 +63,22 @@ if [ "$DEVICE" = cpu ]; then  # the stand-in: tiny sizes, one step each, R50 kep
       configs/coco_faster_r50_fpn.yaml > "$WORK/tiny_faster.yaml"
   SL_ARGS=(--device cpu --quick --no-budget --no-torchvision --config "$WORK/tiny_faster.yaml")
   PR_ARGS=(--device cpu --quick --sizes 256x256 --rois-per-image 64)
-  LIMIT=(600 300 120 300 300)
+  LIMIT=(600 300 120 300 300 300)
 else
   SIZE=800x1216; BATCH=8
   TS_ARGS=(--device "$DEVICE" --profile)
-  TT_ARGS=(--device "$DEVICE" --iters 50 --log-period 10 --workers 8 --num-train 128 --image-size 640 --timeout 80)
-  DL_ARGS=(--workers 2 4 8 --batches 20 --repeats 1)
+  TT_ARGS=(--device "$DEVICE" --iters 40 --log-period 10 --workers 8 --num-train 96 --image-size 640 --timeout 42)
+  DL_ARGS=(--workers 4 8 --batches 16 --repeats 1)
   SL_ARGS=(--device "$DEVICE" --images 4)
   PR_ARGS=(--device "$DEVICE")
-  LIMIT=(180 100 45 75 60)
+  LIMIT=(${BENCH_LIMITS:-130 50 20 30 30 40})
 fi
 H=${SIZE%x*}; W=${SIZE#*x}
 
 part train_step "${LIMIT[0]}" "$PY" benchmarks/train_step.py "${TS_ARGS[@]}" --out "$OUT/train_step_$DEVICE.json"
+# The Precise RoI Pooling step against the RoIAlign step (same weights), Mask R-CNN at the largest batch, bf16.
+part train_step_prroi "${LIMIT[5]}" "$PY" benchmarks/train_step.py "${TS_ARGS[@]}" --model mask --batch $BATCH \
+  --precision bf16 --impls ours,ours_prroi --out "$OUT/train_step_prroi_$DEVICE.json"
 
 # The step benchmark's rate at the trainer's settings (ours, Faster R-CNN, fp32): the target of parts 2 and 3.
 TARGET=$("$PY" - "$OUT/train_step_$DEVICE.json" "$BATCH" "$H" "$W" <<'EOF' 2>/dev/null
@@ -109,6 +114,6 @@ cp "$WORK"/prroi/prroi_pool*.json "$OUT/" 2>/dev/null
 
 say "done; $OUT holds: $(cd "$OUT" && ls | tr '\n' ' ')"
 # The headline lines again at the end of the log and on stdout.
-grep -E "^(model|faster|mask) |^\(of peak|^ratio |^megdet train \(exit|^trainer's loader|^fewest workers|: total <= 50%|^Goal" \
+grep -E "^(model|faster|mask) |^\(of peak|^prroi step|^ratio |^megdet train \(exit|^trainer's loader|^fewest workers|: total <= 50%|^Goal" \
   "$LOG" > "$WORK/summary.txt"
 { echo "== summary"; cat "$WORK/summary.txt"; } | tee -a "$LOG"
