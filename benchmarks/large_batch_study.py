@@ -798,6 +798,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    " one GPU process per run with the whole batch")
     p.add_argument("--processes", type=int, default=CPU_PROCESSES, help="--device cpu: processes per run (2)")
     p.add_argument("--parallel", type=int, default=1, help="--device cuda: runs at once (default 1)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides of every run (a policy variant: e.g. model.bn_group_images=8)")
     p.add_argument("--batches", default=None, help="global batches (default 8,16,32,64,128)")
     p.add_argument("--epochs", type=float, default=None, help="epochs of every run (default: the config's)")
     p.add_argument("--ablations", default=None,
@@ -858,6 +860,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else None)
     common += [f"solver.epochs={epochs:g}"] if epochs is not None else []
     common.append(f"train.seed={args.seed}")
+    common += args.set
     base = load_config(config, common)
     specs = build_run_matrix(batches, ablations, head_norm=main_head_norm(base))
     schedules = resolve_runs(config, specs, common, args.device, args.processes, base.data.synth.num_train)
