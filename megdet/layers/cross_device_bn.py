@@ -295,7 +295,10 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
     def _local_groups_forward(self, input: torch.Tensor) -> torch.Tensor:
         """Each of ``local_groups`` contiguous slices of the batch normalised with its own statistics;
         the running statistics move towards the mean of the slices' means and unbiased variances."""
-        chunks = torch.tensor_split(input, max(1, min(self.local_groups, input.shape[0])))
+        groups = max(1, min(self.local_groups, input.shape[0]))
+        if input.dim() == 4 and input.shape[0] % groups == 0:
+            return self._equal_groups_forward(input, groups)
+        chunks = torch.tensor_split(input, groups)
         update_factor = self._update_factor()
         out = [
             torch.nn.functional.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -305,11 +308,37 @@ class CrossDeviceBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 stats = [torch.var_mean(c.float(), dim=(0, 2, 3), correction=1) for c in chunks if c[:, 0].numel() > 1]
                 if stats:
-                    var = torch.stack([v for v, _ in stats]).mean(0)
-                    mean = torch.stack([m for _, m in stats]).mean(0)
-                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), update_factor)
-                    self.running_var.lerp_(var.to(self.running_var.dtype), update_factor)
+                    self._update_running(torch.stack([m for _, m in stats]), torch.stack([v for v, _ in stats]),
+                                         update_factor)  # fmt: skip
         return torch.cat(out)
+
+    def _equal_groups_forward(self, input: torch.Tensor, groups: int) -> torch.Tensor:
+        """Equal slices in one BatchNorm call: (N, C, H, W) seen as (N / G, G * C, H, W), so that each
+        (slice, channel) pair is one channel; the call's own running-statistics update (momentum 1, into
+        scratch buffers) yields every slice's mean and unbiased variance without a second pass."""
+        n, c, h, w = input.shape
+        grouped = input.reshape(groups, n // groups, c, h, w).transpose(0, 1).reshape(n // groups, groups * c, h, w)
+        update_factor = self._update_factor()
+        track = self.track_running_stats and self.running_mean is not None and update_factor != 0.0
+        stats_dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        mean = torch.zeros(groups * c, device=input.device, dtype=stats_dtype) if track else None
+        var = torch.ones(groups * c, device=input.device, dtype=stats_dtype) if track else None
+        weight = self.weight.repeat(groups) if self.weight is not None else None
+        bias = self.bias.repeat(groups) if self.bias is not None else None
+        out = torch.nn.functional.batch_norm(grouped, mean, var, weight, bias, True, 1.0, self.eps)
+        if track:
+            self._update_running(mean.view(groups, c), var.view(groups, c), update_factor)
+        out = out.reshape(n // groups, groups, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _update_running(self, means: torch.Tensor, variances: torch.Tensor, update_factor: float) -> None:
+        """Running statistics ``update_factor`` of the way to the mean over slices of ``means`` /
+        ``variances`` (slices x channels)."""
+        with torch.no_grad():
+            self.running_mean.lerp_(means.mean(0).to(self.running_mean.dtype), update_factor)
+            self.running_var.lerp_(variances.mean(0).to(self.running_var.dtype), update_factor)
 
 
 def convert_cross_device_bn(module: nn.Module, group_size: int | None = None) -> nn.Module:

@@ -592,3 +592,24 @@ def test_local_groups_take_any_batch_without_communicating(rows: int, monkeypatc
     y = layer(x)
     y.sum().backward()
     assert y.shape == x.shape and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [6, 7])
+def test_local_groups_equal_and_unequal_slices_match_per_slice_batchnorm(rows: int) -> None:
+    # 6 rows in 3 groups take the one-call path, 7 rows (slices of 3 / 2 / 2) the per-slice path: both
+    # must equal BatchNorm over each slice and keep a channels_last input's layout.
+    torch.manual_seed(1)
+    x = torch.randn(rows, 4, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer = CrossDeviceBatchNorm2d(4, momentum=1.0)
+    layer.local_groups = 3
+    y = layer(x)
+    chunks = torch.tensor_split(x.detach(), 3)
+    expected = torch.cat([torch.nn.functional.batch_norm(c, None, None, training=True) for c in chunks])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    means = torch.stack([c.mean(dim=(0, 2, 3)) for c in chunks]).mean(0)
+    variances = torch.stack([c.var(dim=(0, 2, 3)) for c in chunks]).mean(0)
+    torch.testing.assert_close(layer.running_mean, means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, variances, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
