@@ -119,18 +119,12 @@ def _cell_range(lo, hi, n):
     return first, last
 
 
-@triton.jit
-def _prroi_fwd_kernel(
-    feat_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, out_ptr, status_ptr, C, N, L,
-    PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
-    BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    cb = tl.program_id(2)
-    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(
-        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
-    )
+@_device_function
+def _bin_row(x1, y1, rw, rh, h, w, p, cb, C, PH: tl.constexpr, PW: tl.constexpr, BLOCK_PW: tl.constexpr,
+             BLOCK_C: tl.constexpr):  # fmt: skip
+    """The bins of output row ``p`` and channel block ``cb``: whether the RoI has an area, 1 / bin area
+    (0 for an empty RoI), the row's y-range, bin and channel offsets with the channel mask, each bin's
+    x-range, and the cells to visit (none for an empty RoI)."""
     area = (rw / PW) * (rh / PH)
     valid = area > 0.0
     inv_area = tl.where(valid, 1.0 / tl.where(valid, area, 1.0), 0.0)
@@ -144,6 +138,24 @@ def _prroi_fwd_kernel(
     i_lo, i_hi = _cell_range(ya, yb, h)
     j_lo, j_hi = _cell_range(x1, x1 + rw, w)
     j_hi = tl.where(valid, j_hi, j_lo - 1)  # an empty bin reads nothing
+    return valid, inv_area, ya, yb, offs_q, offs_c, mask_c, xa, xb, i_lo, i_hi, j_lo, j_hi
+
+
+@triton.jit
+def _prroi_fwd_kernel(
+    feat_ptr, rois_ptr, levels_ptr, meta_ptr, scales_ptr, out_ptr, status_ptr, C, N, L,
+    PH: tl.constexpr, PW: tl.constexpr, HAS_LEVELS: tl.constexpr,
+    BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    cb = tl.program_id(2)
+    base, h, w, x1, y1, rw, rh, _ = _roi_geometry(
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
+    )
+    _, inv_area, ya, yb, offs_q, offs_c, mask_c, xa, xb, i_lo, i_hi, j_lo, j_hi = _bin_row(
+        x1, y1, rw, rh, h, w, p, cb, C, PH, PW, BLOCK_PW, BLOCK_C
+    )
     acc = tl.zeros([BLOCK_PW, BLOCK_C], dtype=tl.float32)
     for j in range(j_lo, j_hi + 1):
         fj = tl.cast(j, tl.float32)
@@ -275,21 +287,11 @@ def _prroi_bwd_roi_kernel(
     base, h, w, x1, y1, rw, rh, scale = _roi_geometry(
         rois_ptr, levels_ptr, meta_ptr, scales_ptr, r, N, L, HAS_LEVELS
     )
-    area = (rw / PW) * (rh / PH)
-    valid = area > 0.0
-    inv_area = tl.where(valid, 1.0 / tl.where(valid, area, 1.0), 0.0)
+    valid, inv_area, ya, yb, offs_q, offs_c, mask_c, xa, xb, i_lo, i_hi, j_lo, j_hi = _bin_row(
+        x1, y1, rw, rh, h, w, p, cb, C, PH, PW, BLOCK_PW, BLOCK_C
+    )
     fp = tl.cast(p, tl.float32)
-    ya = y1 + rh * (fp / PH)
-    yb = y1 + rh * (tl.cast((p + 1), tl.float32) / PH)
-    offs_q = tl.arange(0, BLOCK_PW)
     fq = offs_q.to(tl.float32)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    xa = x1 + rw * (fq / PW)
-    xb = x1 + rw * ((offs_q + 1).to(tl.float32) / PW)
-    i_lo, i_hi = _cell_range(ya, yb, h)
-    j_lo, j_hi = _cell_range(x1, x1 + rw, w)
-    j_hi = tl.where(valid, j_hi, j_lo - 1)
     # Per bin q of this row (times the area): the integral of f over the bin, of f along its left
     # and right edges (over the bin's y-range) and along its top and bottom edges (x-range).
     acc_o = tl.zeros([BLOCK_PW, BLOCK_C], dtype=tl.float32)

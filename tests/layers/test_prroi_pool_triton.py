@@ -308,3 +308,26 @@ if __name__ == "__main__":
     # Child process of the `interpreted` fixture: TRITON_INTERPRET=1 is already in the environment.
     torch.set_num_threads(1)
     torch.save(interpreted_cases(), sys.argv[1])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_sm90(dtype: str) -> None:
+    from triton_compile import compile_for_sm90
+
+    from megdet.layers import prroi_pool_triton as pt
+
+    if pt.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1: the helpers are plain functions, not compilable")
+    tables = {"rois_ptr": "*fp32", "levels_ptr": "*i64", "meta_ptr": "*i64", "scales_ptr": "*fp32"}
+    pool = {"PH": 7, "PW": 7, "HAS_LEVELS": True, "BLOCK_PW": 8, "BLOCK_C": 64}
+    kernels = [
+        (pt._prroi_fwd_kernel, {"feat_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "status_ptr": "*fp32"}, pool),
+        (pt._prroi_bwd_roi_kernel, {"feat_ptr": f"*{dtype}", "grad_out_ptr": f"*{dtype}", "grad_rois_ptr": "*fp32"},
+         pool),
+        (pt._prroi_bwd_feat_kernel, {"grad_out_ptr": f"*{dtype}", "grad_feat_ptr": "*fp32"},
+         dict(pool, PH=14, PW=14, BLOCK_PW=16)),
+        (pt._nchw_to_rows_kernel, {"src_ptr": f"*{dtype}", "dst_ptr": "*fp32"}, {"BLOCK_HW": 64, "BLOCK_C": 64}),
+        (pt._rows_to_nchw_kernel, {"src_ptr": "*fp32", "dst_ptr": f"*{dtype}"}, {"BLOCK_HW": 64, "BLOCK_C": 64}),
+    ]  # fmt: skip
+    for kernel, types, constexprs in kernels:
+        assert "cubin" in compile_for_sm90(kernel, {**tables, **types}, constexprs).asm, kernel.fn.__name__

@@ -88,3 +88,13 @@ def test_cuda_kernel_equals_torchvision_per_group() -> None:
 
 if __name__ == "__main__":
     print(json.dumps(_kernel_results()))
+
+
+def test_kernel_compiles_for_sm90() -> None:
+    from triton_compile import compile_for_sm90
+
+    kernel = nms._triton_kernel()
+    if kernel is None:
+        pytest.skip("Triton is not installed")
+    types = {"boxes": "*fp32", "valid": "*i8", "keep": "*i8", "iou_threshold": "fp32"}
+    assert "cubin" in compile_for_sm90(kernel, types, {"BLOCK": 2048}).asm
