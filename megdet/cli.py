@@ -40,22 +40,27 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         progress=not args.quiet,
+        stuff=args.stuff,
     )
     from megdet.data.check import check_coco, format_report
+    from megdet.data.synthetic import STUFF_MAPS_DIR
 
     out = Path(args.out)
     for split in ("train", "val"):
         ann = out / "annotations" / f"instances_{split}.json"
         if ann.is_file() and stats.get(split, {}).get("images", 1):
             print(f"== {ann}")
-            print(format_report(check_coco(ann, out / split)))
+            label_maps = out / STUFF_MAPS_DIR / split if args.stuff else None
+            print(format_report(check_coco(ann, out / split, label_maps)))
     return 0
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from megdet.data.check import check_coco, format_report
 
-    report = check_coco(args.annotations, args.images)
+    if args.label_classes is not None and not 1 <= args.label_classes <= 255:
+        raise CliError(f"--label-classes: expected 1..255, got {args.label_classes}")
+    report = check_coco(args.annotations, args.images, args.label_maps, args.label_classes)
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -308,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give identical files")
     s.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--stuff",
+        action="store_true",
+        help="stuff backgrounds (ground, wall, sky) with COCO-Stuff style label maps in DIR/stuffthingmaps/{train,val}",
+    )
     s.set_defaults(func=_cmd_data_synth)
     c = dsub.add_parser(
         "check",
@@ -317,6 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("annotations", help="COCO annotation JSON (instances_*.json or person_keypoints_*.json)")
     c.add_argument("--images", default=None, help="image folder to check the files of")
+    c.add_argument(
+        "--label-maps",
+        default=None,
+        metavar="DIR",
+        help="semantic label maps to check (one PNG per image, named as the image; COCO-Stuff's stuffthingmaps)",
+    )
+    c.add_argument(
+        "--label-classes",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --label-maps: ids 0..K-1 are classes (default: COCO-Stuff's category id - 1 of the "
+        "categories of ANNOTATIONS and of the stuff_*.json next to it)",
+    )
     c.set_defaults(func=_cmd_data_check)
 
     # train ------------------------------------------------------------------------------------

@@ -112,6 +112,23 @@ class RoIConfig:
 
 
 @dataclass
+class ContextConfig:
+    """MegDet's "+Context/Seg": a semantic segmentation branch on the FPN and the context it gives the
+    RoI heads (``megdet/modeling/semantic.py``). Everything is off by default."""
+
+    semantic: bool = False  # the semantic segmentation branch and its loss (loss_sem_seg)
+    # Classes of the per-pixel labels: with data.sem_seg_dir, more than the largest id in the label maps
+    # (COCO-Stuff: 182); 0 = labels built from the instance masks: background + model.num_classes.
+    num_semantic_classes: int = 0
+    semantic_loss_weight: float = 0.2
+    semantic_stride: int = 8  # the FPN levels are fused at 1/stride of the input (4 | 8 | 16 | 32)
+    semantic_convs: int = 4  # 3x3 convs after the fusion
+    semantic_dim: int = 128  # their channels
+    roi_features: bool = False  # the branch's features pooled per RoI, added to the box and mask heads'
+    global_context: bool = False  # the branch's features averaged over the image, added to the box head's
+
+
+@dataclass
 class ModelConfig:
     """Detector architecture."""
 
@@ -131,6 +148,7 @@ class ModelConfig:
     num_keypoints: int = 17
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
 
 
 @dataclass
@@ -141,6 +159,9 @@ class SynthConfig:
     num_val: int = 200
     image_size: int = 256
     seed: int = 0
+    # Background "stuff" regions (ground, wall, sky) under the objects, with COCO-Stuff style label maps
+    # in stuffthingmaps/{split}/ and annotations/stuff_{split}.json; off: the original dataset.
+    stuff: bool = False
 
 
 @dataclass
@@ -166,6 +187,10 @@ class DataConfig:
     aspect_ratio_grouping: bool = True
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Per-pixel labels for model.context.semantic, one PNG per image in root/sem_seg_dir/SPLIT/ named
+    # as the image with .png (COCO-Stuff's stuffthingmaps layout: pixel = class id, 255 = ignore);
+    # empty: built from the instance masks (background 0, thing labels 1..num_classes).
+    sem_seg_dir: str = ""
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

@@ -47,6 +47,9 @@ PROBLEM_KINDS: dict[str, tuple[str, str]] = {
     "missing_image_file": (ERROR, "images whose file is not in the images folder"),
     "undecodable_image": (ERROR, "image files that cannot be decoded"),
     "image_size_mismatch": (ERROR, "image files whose size differs from the height/width in the JSON"),
+    "missing_label_map": (ERROR, "images without a label map in the label-map folder"),
+    "bad_label_map": (ERROR, "label maps that cannot be decoded, have several channels or another size than their image"),
+    "unknown_label_id": (ERROR, "label maps with pixel values that are no known class id (nor 255 = ignore)"),
     "missing_optional_field": (WARNING, "annotations without 'iscrowd' or 'segmentation'"),
     "degenerate_box": (WARNING, "boxes narrower or shorter than 1 pixel (the loaders drop them)"),
     "box_outside_image": (WARNING, "boxes reaching more than 1 pixel outside their image"),
@@ -85,6 +88,9 @@ class CheckReport:
     masks_checked: int = 0  # of those, how many had their area checked
     image_files_checked: int = 0  # existence
     image_files_decoded: int = 0
+    label_maps_dir: str | None = None
+    label_maps_checked: int = 0  # existence, size and mode
+    label_maps_decoded: int = 0  # class ids
     problems: dict[str, Problem] = field(default_factory=dict)
 
     @property
@@ -269,8 +275,16 @@ def _check_images(report: CheckReport, images: list[dict[str, Any]], images_dir:
             )
 
 
-def check_coco(annotation_json: str | Path, images_dir: str | Path | None = None) -> CheckReport:
-    """Validates a COCO-format annotation file (and, with ``images_dir``, its image files).
+def check_coco(
+    annotation_json: str | Path,
+    images_dir: str | Path | None = None,
+    label_maps_dir: str | Path | None = None,
+    num_label_classes: int | None = None,
+) -> CheckReport:
+    """Validates a COCO-format annotation file (and, with ``images_dir``, its image files; with
+    ``label_maps_dir``, the semantic label maps of its images: :func:`megdet.data.semantic.check_label_maps`,
+    ids known when below ``num_label_classes``, or by default COCO-Stuff's category id - 1 of the
+    file's categories and of the ``stuff_*.json`` next to it).
 
     Mask areas are checked on at most ``MAX_MASK_CHECKS`` non-crowd annotations (an evenly spread
     sample on big files; ``report.masks_checked`` says how many) and images are decoded for at most
@@ -354,6 +368,13 @@ def check_coco(annotation_json: str | Path, images_dir: str | Path | None = None
     report.images_without_annotations = sum(1 for im in images if im["id"] not in annotated)
     if images_dir is not None:
         _check_images(report, images, Path(images_dir))
+    if label_maps_dir is not None:
+        from megdet.data.semantic import check_label_maps, label_names
+
+        report.label_maps_dir = str(label_maps_dir)
+        known = set(range(num_label_classes)) if num_label_classes else set(label_names(path, cats))
+        valid = [im for im in images if _is_int(im["height"]) and _is_int(im["width"])]
+        check_label_maps(report, valid, label_maps_dir, known, MAX_IMAGE_DECODES)
     report.problems = {k: report.problems[k] for k in PROBLEM_KINDS if k in report.problems}
     return report
 
@@ -371,6 +392,11 @@ def format_report(report: CheckReport) -> str:
         lines.append(
             f"  image files in {r.images_dir}: existence checked for {r.image_files_checked}, "
             f"decoded {r.image_files_decoded}"
+        )
+    if r.label_maps_dir is not None:
+        lines.append(
+            f"  label maps in {r.label_maps_dir}: existence, size and mode checked for {r.label_maps_checked}, "
+            f"class ids for {r.label_maps_decoded}"
         )
     lines.append(f"  annotations: {r.num_annotations} ({r.num_crowd} crowd)")
     non_crowd = sum(r.size_counts.values())

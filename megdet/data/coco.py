@@ -24,6 +24,7 @@ import pycocotools.mask as mask_utils
 import torch
 from torchvision import tv_tensors
 
+from megdet.data import semantic
 from megdet.data.errors import DatasetError
 
 Target = dict[str, Any]
@@ -100,6 +101,10 @@ class CocoDetection(torch.utils.data.Dataset):
         with_masks: decode instance masks into ``target['masks']``.
         with_keypoints: put ``target['keypoints']`` (N, K, 3) into targets.
         transforms: ``callable(image, target) -> (image, target)`` applied last.
+        with_sem_seg: put ``target['sem_seg']`` (H, W) uint8 per-pixel class ids (255 = ignore) into
+            targets: read from ``sem_seg_dir`` (:mod:`megdet.data.semantic`), or built from the instance
+            masks when it is None (0 background, the contiguous labels on their instances' pixels).
+        num_semantic_classes: the label maps' classes (ids 0..n-1); 0 = background + the categories.
 
     Crowd annotations (``iscrowd=1``) never enter targets; annotations whose box is narrower or
     shorter than one pixel are dropped with one warning per file.
@@ -115,6 +120,9 @@ class CocoDetection(torch.utils.data.Dataset):
         with_masks: bool = True,
         with_keypoints: bool = False,
         transforms: Transform | None = None,
+        with_sem_seg: bool = False,
+        sem_seg_dir: str | Path | None = None,
+        num_semantic_classes: int = 0,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.instances_json = Path(instances_json)
@@ -123,6 +131,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self.with_masks = with_masks
         self.with_keypoints = with_keypoints
         self.transforms = transforms
+        self.with_sem_seg = with_sem_seg
+        self.sem_seg_dir = Path(sem_seg_dir) if sem_seg_dir is not None else None
+        # The records keep the segmentations when masks or instance-built semantic labels need them.
+        self._keep_segms = with_masks or (with_sem_seg and self.sem_seg_dir is None)
 
         inst = _load_json(self.instances_json, "instances annotation")
         kp = (
@@ -173,6 +185,13 @@ class CocoDetection(torch.utils.data.Dataset):
             )
         self.num_keypoints: int = len(self.keypoint_names)
         self.keypoint_flip_map: list[int] = _flip_map(self.keypoint_names)
+        self.num_semantic_classes = semantic.semantic_num_classes(num_semantic_classes, len(self.coco_category_ids))
+        # Class names of the semantic labels (for the per-class IoU of the evaluation).
+        self.semantic_class_names: list[str] = (
+            semantic.class_names(self.num_semantic_classes, semantic.label_names(self.instances_json, self.categories))
+            if self.sem_seg_dir is not None
+            else ["background", *self.category_names]
+        )
 
         # Images.
         images: dict[int, dict[str, Any]] = {}
@@ -263,7 +282,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if min(x + w, im["width"]) - max(x, 0) < 1 or min(y + h, im["height"]) - max(y, 0) < 1:
                 dropped += 1
                 continue
-            if self.with_masks and "segmentation" not in ann:
+            if self._keep_segms and "segmentation" not in ann:
                 raise DatasetError(
                     f"{path}: {_ann_where(ann, index)} has no 'segmentation'; masks were requested (set with_masks=False?)"
                 )
@@ -305,7 +324,7 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         labels = np.asarray([self._label_of[int(a["category_id"])] for a in anns], dtype=np.int64)
         rec: dict[str, Any] = {"file_name": file_name, "boxes": boxes, "labels": labels}
-        if self.with_masks:
+        if self._keep_segms:
             rec["segms"] = [self._compact_segm(a, h, w) for a in anns]
         if self.with_keypoints:
             k = self.num_keypoints
@@ -376,6 +395,14 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{missing[0]}: image file not found ({len(missing)} of {len(checked)} images listed in "
                 f"{self.instances_json} are missing from {self.image_dir})"
             )
+        if self.with_sem_seg and self.sem_seg_dir is not None:
+            maps = [semantic.label_map_path(self.sem_seg_dir, self._get_record(i)["file_name"]) for i in checked]
+            missing = [p for p in maps if not p.is_file()]
+            if missing:
+                raise DatasetError(
+                    f"{missing[0]}: label map not found ({len(missing)} of {len(checked)} images have none in "
+                    f"{self.sem_seg_dir}; data.sem_seg_dir holds one PNG per image, named as the image)"
+                )
 
     def _load_image(self, path: Path, h: int, w: int) -> tv_tensors.Image:
         if not path.is_file():
@@ -418,6 +445,20 @@ class CocoDetection(torch.utils.data.Dataset):
             masks = mask_utils.decode(rles)
         return np.ascontiguousarray(masks.transpose(2, 0, 1))
 
+    def _semantic_labels(self, rec: dict[str, Any], h: int, w: int, masks: np.ndarray | None) -> np.ndarray:
+        if self.sem_seg_dir is not None:
+            path = semantic.label_map_path(self.sem_seg_dir, rec["file_name"])
+            return semantic.read_label_map(path, (h, w), self.num_semantic_classes)
+        if masks is None:
+            masks = self._decode_masks(rec["segms"], h, w)
+        return semantic.label_map_from_instances(masks, rec["labels"].tolist(), (h, w))
+
+    def semantic_label_map(self, index: int) -> np.ndarray:
+        """The per-pixel class ids (H, W) uint8 of item ``index`` at its original size (255 = ignore):
+        what ``target['sem_seg']`` holds before the transforms, whatever ``with_sem_seg`` is."""
+        h, w = self.image_size(index)
+        return self._semantic_labels(self._get_record(index), h, w, None)
+
     def __getitem__(self, index: int) -> tuple[Any, Target]:
         rec = self._get_record(index)
         h, w = self.image_size(index)
@@ -429,8 +470,11 @@ class CocoDetection(torch.utils.data.Dataset):
             ),
             "labels": torch.from_numpy(rec["labels"]),
         }
-        if self.with_masks:
-            target["masks"] = tv_tensors.Mask(torch.from_numpy(self._decode_masks(rec["segms"], h, w)))
+        masks = self._decode_masks(rec["segms"], h, w) if self.with_masks else None
+        if masks is not None:
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
+        if self.with_sem_seg:
+            target["sem_seg"] = tv_tensors.Mask(torch.from_numpy(self._semantic_labels(rec, h, w, masks)))
         if self.with_keypoints:
             target["keypoints"] = torch.from_numpy(rec["keypoints"])
         target["orig_size"] = (h, w)

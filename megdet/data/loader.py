@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     # need pycocotools, which megdet.data.coco imports.
     from megdet.data.coco import CocoDetection
 
-_TARGET_KEYS = ("boxes", "labels", "masks", "keypoints")
+_TARGET_KEYS = ("boxes", "labels", "masks", "keypoints", "sem_seg")
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Batch:
     ``images`` (B, 3, H, W) float32, normalised and zero-padded; ``image_sizes`` each image after
     resizing, before padding; ``original_sizes`` as stored on disk; ``targets`` in resized
     coordinates with ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64 and optionally ``masks``
-    (N, h, w) uint8 and ``keypoints`` (N, K, 3) float32.
+    (N, h, w) uint8, ``keypoints`` (N, K, 3) float32 and ``sem_seg`` (h, w) uint8 class ids (255 = ignore).
 
     A raw batch (the trainer's loader, ``raw_images=True``) holds ``images`` as zero-padded uint8
     pixels and the normalisation in ``pixel_mean`` / ``pixel_std``; :meth:`normalized` turns it into
@@ -208,6 +208,7 @@ def _build_dataset(cfg: Config, split: str, train: bool, normalize: bool = True)
     from megdet.data.coco import CocoDetection
 
     image_dir, instances, keypoints = _split_files(cfg, split)
+    semantic = cfg.model.context.semantic
     dataset = CocoDetection(
         image_dir,
         instances,
@@ -215,6 +216,9 @@ def _build_dataset(cfg: Config, split: str, train: bool, normalize: bool = True)
         train=train,
         with_masks=cfg.model.mask_on,
         with_keypoints=cfg.model.keypoint_on,
+        with_sem_seg=semantic,
+        sem_seg_dir=Path(cfg.data.root) / cfg.data.sem_seg_dir / split if semantic and cfg.data.sem_seg_dir else None,
+        num_semantic_classes=cfg.model.context.num_semantic_classes,
     )
     flip_map = dataset.keypoint_flip_map if cfg.model.keypoint_on else None
     dataset.transforms = build_transforms(cfg.data, train=train, flip_map=flip_map, normalize=normalize)

@@ -11,6 +11,14 @@ real COCO, so the same code trains and evaluates on either::
     out_dir/annotations/instances_{train,val}.json          # boxes + masks, all 7 categories
     out_dir/annotations/person_keypoints_{train,val}.json   # persons only, with keypoints
 
+With ``stuff=True`` the background is made of "stuff" regions instead of one gradient: textured
+ground, brick walls and sky gradients (categories 8..10), and every image gets a label map in
+COCO-Stuff's layout (pixel = category id - 1: things 0..6, stuff 7..9; 255 where an object too
+hidden to be annotated shows), next to a COCO-Stuff style stuff file::
+
+    out_dir/stuffthingmaps/{train,val}/000000000001.png ...
+    out_dir/annotations/stuff_{train,val}.json              # one RLE per (image, stuff class)
+
 Generation is deterministic: image ``i`` of a split draws from its own RNG seeded by
 ``(seed, split, i)``, so the files are byte-identical whatever the number of worker processes.
 """
@@ -44,6 +52,7 @@ SKELETON: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 _SPLITS = ("train", "val")
+STUFF_MAPS_DIR = "stuffthingmaps"  # the label maps of a stuff dataset: out_dir/stuffthingmaps/{split}/
 # Image and annotation ids of the val split start here so that ids are unique across splits (as in
 # COCO) while each split's ids stay independent of the other split's size.
 _VAL_ID_OFFSET = 100_000_000
@@ -54,6 +63,11 @@ _SMALL, _LARGE = 32**2, 96**2
 _REF_SIZE = 256
 _MIN_VISIBLE_FRACTION = 0.3
 _MIN_VISIBLE_PIXELS = 20
+
+# Background "stuff" classes of stuff=True datasets: category ids after the things, label id = id - 1.
+STUFF_NAMES: tuple[str, ...] = ("ground", "wall", "sky")
+_GROUND, _WALL, _SKY = (PERSON_CATEGORY_ID + 1 + i for i in range(len(STUFF_NAMES)))  # category ids 8, 9, 10
+_UNLABELLED = 255
 
 # Part labels of the per-object label canvas (0 = not the object).
 _BODY, _HEAD, _TORSO, _ARMS, _LEGS, _EYES = 1, 2, 3, 4, 5, 6
@@ -66,6 +80,11 @@ def categories() -> list[dict[str, Any]]:
     ]
     cats.append(_person_category())
     return cats
+
+
+def stuff_categories() -> list[dict[str, Any]]:
+    """The stuff categories of a ``stuff=True`` dataset as ``stuff_*.json`` lists them (ids 8, 9, 10)."""
+    return [{"supercategory": name, "id": cat, "name": name} for cat, name in zip((_GROUND, _WALL, _SKY), STUFF_NAMES)]
 
 
 def _person_category() -> dict[str, Any]:
@@ -289,19 +308,23 @@ def _texture(rng: np.random.Generator, h: int, w: int, colour: np.ndarray) -> np
     return colour * (1 - t) + other * t
 
 
-def _background(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
-    """Gradient background with clutter (thin strokes, irregular faint blobs) that is not an object."""
-    ca = rng.uniform(0, 255, 3).astype(np.float32)
-    cb = rng.uniform(0, 255, 3).astype(np.float32)
-    if rng.random() < 0.5:  # many real backgrounds are fairly flat
-        cb = np.clip(ca + rng.normal(0, 25, 3), 0, 255).astype(np.float32)
-    a = rng.uniform(0, 2 * math.pi)
-    tx = np.arange(w, dtype=np.float32) * np.float32(math.cos(a))
-    ty = np.arange(h, dtype=np.float32) * np.float32(math.sin(a))
-    t = ty[:, None, None] + tx[None, :, None]
-    lo, hi = float(t.min()), float(t.max())
-    t = (t - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1.0))
-    bg = (ca + (cb - ca) * t).astype(np.uint8)
+def _background(rng: np.random.Generator, h: int, w: int, scale: float, base: np.ndarray | None = None) -> np.ndarray:
+    """Gradient background (or ``base``, (h, w, 3) uint8) with clutter (thin strokes, irregular faint
+    blobs) that is not an object."""
+    if base is not None:
+        bg = base
+    else:
+        ca = rng.uniform(0, 255, 3).astype(np.float32)
+        cb = rng.uniform(0, 255, 3).astype(np.float32)
+        if rng.random() < 0.5:  # many real backgrounds are fairly flat
+            cb = np.clip(ca + rng.normal(0, 25, 3), 0, 255).astype(np.float32)
+        a = rng.uniform(0, 2 * math.pi)
+        tx = np.arange(w, dtype=np.float32) * np.float32(math.cos(a))
+        ty = np.arange(h, dtype=np.float32) * np.float32(math.sin(a))
+        t = ty[:, None, None] + tx[None, :, None]
+        lo, hi = float(t.min()), float(t.max())
+        t = (t - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1.0))
+        bg = (ca + (cb - ca) * t).astype(np.uint8)
     img = Image.fromarray(bg)
     draw = ImageDraw.Draw(img)
     mean = bg.reshape(-1, 3).mean(axis=0)
@@ -322,6 +345,90 @@ def _background(rng: np.random.Generator, h: int, w: int, scale: float) -> np.nd
             col = rng.uniform(0, 255, 3)
         draw.line(_pil(pts), fill=tuple(int(v) for v in col), width=int(rng.integers(1, 4)))
     return np.asarray(img).astype(np.float32)
+
+
+def _sky(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth vertical gradient: a saturated colour at the top, paler towards the horizon."""
+    if rng.random() < 0.75:  # day
+        top = np.array([rng.uniform(30, 120), rng.uniform(90, 170), rng.uniform(180, 255)])
+    else:  # dusk
+        top = np.array([rng.uniform(150, 230), rng.uniform(70, 140), rng.uniform(60, 150)])
+    bottom = top + (255 - top) * rng.uniform(0.35, 0.75)
+    t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None] ** np.float32(rng.uniform(0.6, 1.6))
+    return np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.float32)
+
+
+def _wall(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
+    """Bricks in staggered rows, each a little different, with mortar lines between them."""
+    palettes = ([150, 60, 45], [170, 160, 150], [200, 180, 140], [110, 110, 120])
+    base = np.asarray(palettes[int(rng.integers(len(palettes)))], np.float32) + rng.normal(0, 12, 3)
+    mortar = np.clip(base + rng.choice([-1, 1]) * rng.uniform(45, 80), 0, 255)
+    bh = rng.uniform(5, 11) * scale
+    bw = bh * rng.uniform(1.8, 2.8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    row = np.floor(yy / bh)
+    shifted = xx + (row % 2) * (bw / 2)
+    col = np.floor(shifted / bw)
+    jitter = rng.normal(0, 10, (int(row.max()) + 1, int(col.max()) + 2)).astype(np.float32)
+    bricks = base + jitter[row.astype(int), col.astype(int)][..., None]
+    line = max(1.0, 0.15 * bh)
+    joints = ((yy - row * bh) < line) | ((shifted - col * bw) < line)
+    return np.clip(np.where(joints[..., None], mortar, bricks), 0, 255).astype(np.float32)
+
+
+def _ground(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Grass, earth or gravel: a base colour with blotchy low-frequency and grainy high-frequency noise."""
+    palettes = ([70, 120, 50], [120, 90, 60], [130, 125, 115], [160, 140, 100])
+    base = np.asarray(palettes[int(rng.integers(len(palettes)))], np.float32) + rng.normal(0, 10, 3)
+    coarse = rng.normal(0, 1, (max(2, h // 24), max(2, w // 24), 3)).astype(np.float32)
+    blotches = np.asarray(Image.fromarray(coarse[..., 0]).resize((w, h), Image.Resampling.BICUBIC))
+    grain = rng.normal(0, 1, (h, w, 3)).astype(np.float32)
+    return np.clip(base + 22 * blotches[..., None] + 14 * grain, 0, 255).astype(np.float32)
+
+
+def _stuff(rng: np.random.Generator, h: int, w: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A background of stuff regions and its labels: ground under a tilted horizon and sky or a wall
+    above it (sometimes a building-like wall in front of the sky); some images are all ground or all wall."""
+    labels = np.full((h, w), _GROUND - 1, np.uint8)
+    layout = rng.random()
+    if layout < 0.1:
+        labels[:] = _WALL - 1
+    elif layout >= 0.2:
+        xx = np.arange(w, dtype=np.float32)
+        horizon = h * rng.uniform(0.3, 0.7) + rng.uniform(-0.15, 0.15) * (xx - w / 2)
+        above = np.arange(h, dtype=np.float32)[:, None] < horizon[None, :]
+        labels[above] = (_SKY if rng.random() < 0.7 else _WALL) - 1
+        if labels[above].size and labels[above][0] == _SKY - 1 and rng.random() < 0.5:
+            x0, x1 = np.sort(rng.uniform(0, w, 2))
+            top = h * rng.uniform(0.05, 0.5)
+            building = above & (xx[None, :] >= x0) & (xx[None, :] < x1) & (np.arange(h)[:, None] >= top)
+            labels[building] = _WALL - 1
+    image = np.empty((h, w, 3), np.float32)
+    for cat, fill in ((_GROUND, lambda: _ground(rng, h, w)), (_WALL, lambda: _wall(rng, h, w, scale)),
+                      (_SKY, lambda: _sky(rng, h, w))):  # fmt: skip
+        region = labels == cat - 1
+        if region.any():
+            image[region] = fill()[region]
+    return image, labels
+
+
+def _stuff_annotations(labels: np.ndarray) -> list[dict[str, Any]]:
+    """COCO-Stuff style annotations of a label map: one RLE per stuff class present (ids without ``id``)."""
+    anns = []
+    for cat in (_GROUND, _WALL, _SKY):
+        region = labels == cat - 1
+        if not region.any():
+            continue
+        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+        rle = mask_utils.encode(np.asfortranarray(region.view(np.uint8)))
+        anns.append({
+            "category_id": cat,
+            "bbox": [float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)],
+            "area": int(region.sum()),
+            "segmentation": {"size": list(labels.shape), "counts": rle["counts"].decode("ascii")},
+            "iscrowd": 0,
+        })  # fmt: skip
+    return anns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,14 +488,23 @@ def _place(rng: np.random.Generator, obj: _Obj, idmap: np.ndarray, visible: list
     obj.ox, obj.oy = best
 
 
-def _render_one(job: tuple[int, int, int, int, str]) -> tuple[int, int, list[dict[str, Any]]]:
-    """Draws image ``idx`` of split ``split_id``, writes its PNG and returns (h, w, annotations without ids)."""
-    seed, split_id, idx, image_size, path = job
+_Job = tuple[int, int, int, int, str, str | None]
+
+
+def _render_one(job: _Job) -> tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Draws image ``idx`` of split ``split_id``, writes its PNG (and, with a ``label_path``, its stuff
+    background and label map) and returns (h, w, annotations, stuff annotations), without ids."""
+    seed, split_id, idx, image_size, path, label_path = job
     rng = np.random.default_rng([seed, split_id, idx])
     short = int(round(image_size * rng.uniform(0.6, 1.0)))
     h, w = (short, image_size) if rng.random() < 0.5 else (image_size, short)
     scale = image_size / _REF_SIZE
-    img = _background(rng, h, w, scale)
+    stuff_labels = None
+    if label_path is not None:
+        stuff_image, stuff_labels = _stuff(rng, h, w, scale)
+        img = _background(rng, h, w, scale, base=np.clip(stuff_image + 0.5, 0, 255).astype(np.uint8))
+    else:
+        img = _background(rng, h, w, scale)
     objs = _sample_objects(rng, h, w, scale)
 
     idmap = np.zeros((h, w), np.int16)
@@ -449,7 +565,17 @@ def _render_one(job: tuple[int, int, int, int, str]) -> tuple[int, int, list[dic
         if obj.keypoints is not None:
             ann["keypoints"], ann["num_keypoints"] = _keypoints(obj, k, idmap, (bx, by, bw, bh))
         anns.append(ann)
-    return h, w, anns
+    if stuff_labels is None:
+        return h, w, anns, []
+    # Things by category (annotated objects), 255 where an unannotated, mostly hidden object shows.
+    annotated = {k for k, obj in enumerate(objs, start=1)
+                 if visible[k - 1] >= max(_MIN_VISIBLE_PIXELS, _MIN_VISIBLE_FRACTION * full[k - 1])}  # fmt: skip
+    thing = np.array([0] + [obj.category_id - 1 if k in annotated else _UNLABELLED
+                            for k, obj in enumerate(objs, start=1)], np.uint8)  # fmt: skip
+    labels = np.where(idmap > 0, thing[idmap], stuff_labels).astype(np.uint8)
+    assert label_path is not None
+    Image.fromarray(labels).save(label_path, compress_level=1)
+    return h, w, anns, _stuff_annotations(labels)
 
 
 def _keypoints(obj: _Obj, k: int, idmap: np.ndarray, box: tuple[int, int, int, int]) -> tuple[list[float], int]:
@@ -493,8 +619,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _results(
-    pool: Any, workers: int, jobs: list[tuple[int, int, int, int, str]]
-) -> Iterator[tuple[int, int, list[dict[str, Any]]]]:
+    pool: Any, workers: int, jobs: list[_Job]
+) -> Iterator[tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]]:
     if pool is None:
         return map(_render_one, jobs)
     # Ordered imap: results arrive in image order whatever the worker count, keeping ids stable.
@@ -509,6 +635,7 @@ def generate_synthetic_coco(
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    stuff: bool = False,
 ) -> dict[str, Any]:
     """Writes the synthetic dataset in COCO 2017 layout under ``out_dir`` and returns per-split statistics.
 
@@ -517,6 +644,8 @@ def generate_synthetic_coco(
     same names are overwritten, other files in ``out_dir`` are left alone. Returns
     ``{"train": {...}, "val": {...}}`` with ``images``, ``annotations``, ``persons``,
     ``per_category`` (name -> count) and ``sizes`` (small/medium/large by COCO area thresholds).
+    ``stuff``: stuff backgrounds and label maps (module docstring); the summary then also has
+    ``stuff_fraction`` (stuff name -> fraction of all pixels).
     """
     for name, value in (("num_train", num_train), ("num_val", num_val)):
         if not isinstance(value, int) or value < 0 or value > _MAX_IMAGES:
@@ -547,16 +676,26 @@ def generate_synthetic_coco(
             num = num_train if split == "train" else num_val
             offset = _VAL_ID_OFFSET if split == "val" else 0
             (out / split).mkdir(exist_ok=True)
+            label_dir = out / STUFF_MAPS_DIR / split
+            if stuff:
+                label_dir.mkdir(parents=True, exist_ok=True)
             image_ids = [offset + i + 1 for i in range(num)]
-            jobs = [(seed, split_id, i, image_size, str(out / split / f"{iid:012d}.png")) for i, iid in enumerate(image_ids)]
+            jobs: list[_Job] = [
+                (seed, split_id, i, image_size, str(out / split / f"{iid:012d}.png"),
+                 str(label_dir / f"{iid:012d}.png") if stuff else None)
+                for i, iid in enumerate(image_ids)
+            ]  # fmt: skip
             images: list[dict[str, Any]] = []
             anns: list[dict[str, Any]] = []
+            stuff_anns: list[dict[str, Any]] = []
             results = tqdm(_results(pool, workers, jobs), total=num, desc=f"synthetic {split}", disable=not progress,
                            unit="img")  # fmt: skip
-            for iid, (h, w, img_anns) in zip(image_ids, results):
+            for iid, (h, w, img_anns, img_stuff) in zip(image_ids, results):
                 images.append({"license": 1, "file_name": f"{iid:012d}.png", "height": h, "width": w, "id": iid})
                 for a in img_anns:
                     anns.append({"id": offset + len(anns) + 1, "image_id": iid, **a})
+                for a in img_stuff:
+                    stuff_anns.append({"id": offset + len(stuff_anns) + 1, "image_id": iid, **a})
             persons = [a for a in anns if a["category_id"] == PERSON_CATEGORY_ID]
             instances = [{k: v for k, v in a.items() if k not in ("keypoints", "num_keypoints")} for a in anns]
             base = {"info": info, "licenses": licenses, "images": images}
@@ -564,6 +703,9 @@ def generate_synthetic_coco(
                         {**base, "annotations": instances, "categories": categories()})  # fmt: skip
             _write_json(out / "annotations" / f"person_keypoints_{split}.json",
                         {**base, "annotations": persons, "categories": [_person_category()]})  # fmt: skip
+            if stuff:
+                _write_json(out / "annotations" / f"stuff_{split}.json",
+                            {**base, "annotations": stuff_anns, "categories": stuff_categories()})  # fmt: skip
             sizes = {"small": 0, "medium": 0, "large": 0}
             for a in anns:
                 sizes["small" if a["area"] < _SMALL else "medium" if a["area"] < _LARGE else "large"] += 1
@@ -578,6 +720,12 @@ def generate_synthetic_coco(
                 "per_category": per_cat,
                 "sizes": sizes,
             }
+            if stuff:
+                pixels = max(1, sum(im["height"] * im["width"] for im in images))
+                summary[split]["stuff_fraction"] = {
+                    c["name"]: sum(a["area"] for a in stuff_anns if a["category_id"] == c["id"]) / pixels
+                    for c in stuff_categories()
+                }
     finally:
         if pool is not None:
             pool.close()
@@ -593,6 +741,7 @@ def ensure_synthetic_coco(
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    stuff: bool = False,
 ) -> bool:
     """:func:`generate_synthetic_coco` into ``out_dir`` unless the dataset there was made with the same
     settings (recorded in ``out_dir/synth.json``); returns True when it generated."""
@@ -600,6 +749,8 @@ def ensure_synthetic_coco(
     stamp = out_dir / "synth.json"
     want = {"generator": "megdet.data.synthetic", "num_train": num_train, "num_val": num_val,
             "image_size": image_size, "seed": seed}  # fmt: skip
+    if stuff:  # only then: the stamps of datasets made before stuff existed stay valid
+        want["stuff"] = True
     if stamp.is_file():
         try:
             if json.loads(stamp.read_text()) == want:
@@ -607,6 +758,6 @@ def ensure_synthetic_coco(
         except ValueError:
             pass  # unreadable stamp: regenerate
     generate_synthetic_coco(out_dir, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
-                            workers=workers, progress=progress)  # fmt: skip
+                            workers=workers, progress=progress, stuff=stuff)  # fmt: skip
     _write_json(stamp, want)  # atomic: a stamp exists only for a finished dataset
     return True

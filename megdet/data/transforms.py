@@ -44,7 +44,7 @@ class Compose:
 class ResizeShortestEdge:
     """Resizes so the short side is one of ``min_sizes`` (drawn at random) and the long side at most ``max_size``.
 
-    Boxes, masks and keypoints are scaled with the image; ``target['scale']`` records
+    Boxes, masks, semantic label maps (``sem_seg``) and keypoints are scaled with the image; ``target['scale']`` records
     ``(sy, sx)`` = resized / original size actually used.
     """
 
@@ -77,11 +77,10 @@ class ResizeShortestEdge:
         if "boxes" in target:
             boxes = F.resize(target["boxes"], [nh, nw])
             target["boxes"] = F.clamp_bounding_boxes(boxes, clamping_mode="hard")
-        if "masks" in target:
-            # Pixel-centre nearest neighbour; the default "nearest" is shifted by half a source pixel.
-            target["masks"] = F.resize(
-                target["masks"], [nh, nw], interpolation=F.InterpolationMode.NEAREST_EXACT
-            )
+        for key in ("masks", "sem_seg"):
+            if key in target:
+                # Pixel-centre nearest neighbour; the default "nearest" is shifted by half a source pixel.
+                target[key] = F.resize(target[key], [nh, nw], interpolation=F.InterpolationMode.NEAREST_EXACT)
         sy, sx = nh / h, nw / w
         if "keypoints" in target:
             kp = target["keypoints"].clone()
@@ -97,7 +96,7 @@ class ResizeShortestEdge:
 
 
 class RandomHorizontalFlip:
-    """With probability ``p`` mirrors image, boxes, masks and keypoints (x -> width - x).
+    """With probability ``p`` mirrors image, boxes, masks, ``sem_seg`` and keypoints (x -> width - x).
 
     Keypoints are also re-ordered with ``flip_map`` (left_* <-> right_*); it is required only when
     targets carry keypoints.
@@ -121,8 +120,9 @@ class RandomHorizontalFlip:
         target = dict(target)
         if "boxes" in target:
             target["boxes"] = F.horizontal_flip(target["boxes"])
-        if "masks" in target:
-            target["masks"] = F.horizontal_flip(target["masks"])
+        for key in ("masks", "sem_seg"):
+            if key in target:
+                target[key] = F.horizontal_flip(target[key])
         if "keypoints" in target:
             kp = target["keypoints"]
             if self.flip_map is None or len(self.flip_map) != kp.shape[1]:

@@ -73,8 +73,10 @@ AMP_MODES = ("off", "bf16", "fp16")
 SUBLINEAR_MODES = ("off", "stages", "blocks", "nested")
 
 # Sublinear memory targets, relative to the detector. Backbone stages are the backbone module's own
-# RECOMPUTE_STAGES; the RoI head towers are the conv/fc stacks between pooler and predictor.
-_HEAD_TOWERS = ("roi_heads.box_head.head", "roi_heads.mask_head.convs", "roi_heads.keypoint_head.convs")
+# RECOMPUTE_STAGES; the RoI head towers are the conv/fc stacks between pooler and predictor, and the
+# semantic branch's conv tower (MegDet's "+Context/Seg") likewise.
+_HEAD_TOWERS = ("roi_heads.box_head.head", "roi_heads.mask_head.convs", "roi_heads.keypoint_head.convs",
+                "semantic_branch.convs")  # fmt: skip
 _RESIDUAL_STAGES = (
     "backbone.body.layer1",
     "backbone.body.layer2",
@@ -203,8 +205,8 @@ def _trainable(module: nn.Module) -> bool:
 def recompute_names(model: nn.Module, mode: str) -> list[str]:
     """Submodules of the detector that ``train.sublinear_memory=mode`` recomputes in the backward pass.
 
-    "stages": the backbone stages (``backbone.body.stem``, ``layer1``..``layer4``), the FPN and the RoI
-    head towers, each as one block -- only stage outputs are kept. "blocks": every residual block of
+    "stages": the backbone stages (``backbone.body.stem``, ``layer1``..``layer4``), the FPN, the RoI
+    head towers and the semantic branch's tower, each as one block -- only stage outputs are kept. "blocks": every residual block of
     the stages and every layer of the head towers on its own -- more stored activations, but a smaller
     peak while recomputing. "nested": "stages", and inside each residual stage every block recomputed
     again while its stage is recomputed (Chen et al.'s recursive scheme): the forward keeps only stage

@@ -416,7 +416,8 @@ def _pct(v: float | None) -> str:
 
 def format_eval_table(eval_dict: Mapping[str, Mapping[str, Any]]) -> str:
     """A plain-text table (rows: tasks; columns: AP, AP50, AP75, APs, APm, APl, in percent) followed by
-    per-category AP lines. ``-`` marks a value that does not exist (no GT, or APs for keypoints)."""
+    per-category AP lines, and the semantic segmentation metrics when ``eval_dict`` has ``sem_seg``.
+    ``-`` marks a value that does not exist (no GT, or APs for keypoints)."""
     tasks = [t for t in IOU_TYPES if t in eval_dict]
     width = max([len("task")] + [len(t) for t in tasks])
     lines = [f"{'task':<{width}}" + "".join(f"{c:>7}" for c in TABLE_COLUMNS)]
@@ -430,6 +431,10 @@ def format_eval_table(eval_dict: Mapping[str, Mapping[str, Any]]) -> str:
             lines.extend(
                 textwrap.wrap(f"{task} AP per category: {body}", width=100, subsequent_indent="    ")
             )
+    if "sem_seg" in eval_dict:
+        from megdet.evaluation.sem_seg_eval import format_sem_seg
+
+        lines.extend(format_sem_seg(eval_dict["sem_seg"]))
     return "\n".join(lines)
 
 

@@ -231,9 +231,11 @@ def _build_loader(cfg: Config, split: str, rank: int, world_size: int, original_
         loader = build_test_loader(cfg, split, rank, world_size)
     # Every image this rank reads (its shard) must exist before the first one is predicted.
     loader.dataset.verify_images(loader.sampler)
-    # Inference never reads the targets; skip decoding the ground-truth masks and keypoints.
+    # Inference never reads the targets; skip decoding the ground-truth masks, keypoints and label maps
+    # (the semantic evaluator reads the label maps at their original size itself).
     loader.dataset.with_masks = False
     loader.dataset.with_keypoints = False
+    loader.dataset.with_sem_seg = False
     return loader
 
 
@@ -286,13 +288,16 @@ def evaluate_model(
     unwrapped; models are switched to eval mode and back. The caller's RNG streams are left untouched.
 
     Returns on rank 0 the ``eval.json`` dict ``{task: {"stats": ..., "per_category_ap": ...}}`` for
-    ``bbox`` and, when predicted, ``segm`` / ``keypoints``; ``{}`` on the other ranks. With
+    ``bbox`` and, when predicted, ``segm`` / ``keypoints``, plus ``sem_seg`` (``{"stats": {"mIoU", ...},
+    "per_class_iou": ...}``, :mod:`~megdet.evaluation.sem_seg_eval`) for models with a semantic branch;
+    ``{}`` on the other ranks. With
     ``out_dir``, rank 0 writes ``coco_results_{task}.json``, ``eval.json`` and ``timing.json`` there.
     With ``progress``, rank 0 shows a progress bar and prints the timing and the AP table.
     """
     from megdet.data.loader import check_data_config
     from megdet.engine.distributed import all_gather_object
     from megdet.evaluation.coco_eval import COCOEvaluator, EvaluationError, format_eval_table
+    from megdet.evaluation.sem_seg_eval import semantic_evaluator
 
     check_test_config(cfg, tta)
     check_data_config(cfg)
@@ -321,6 +326,7 @@ def evaluate_model(
         keypoint_category_ids=_keypoint_category_ids(gt_keypoints) if gt_keypoints is not None else None,
         image_ids=list(dataset.image_ids[:size]),
     )
+    sem_seg = semantic_evaluator(models, dataset)
 
     predictor = None
     if use_predictor:
@@ -371,6 +377,8 @@ def evaluate_model(
                 model_s += time.perf_counter() - t0
                 num_images += len(batch)
                 evaluator.process(batch.image_ids, preds)
+                if sem_seg is not None:
+                    sem_seg.process_batch(batch.image_ids, preds)
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)
@@ -379,6 +387,13 @@ def evaluate_model(
     shards = all_gather_object((num_images, infer_s, model_s))
     t0 = time.perf_counter()
     results = evaluator.summarize(out_dir if rank == 0 else None)
+    if sem_seg is not None:
+        sem_results = sem_seg.summarize()  # a collective: every rank
+        if rank == 0:
+            results["sem_seg"] = sem_results
+            if out_dir is not None:
+                with open(Path(out_dir) / "eval.json", "w") as f:
+                    json.dump(results, f, indent=2)
     eval_s = time.perf_counter() - t0
     if rank != 0:
         return {}
@@ -463,7 +478,9 @@ def predict_files(
 ) -> list[dict[str, Any]]:
     """Predicts every image file, writes ``out_dir/NAME.png`` (drawn boxes, labels, scores, masks,
     keypoint skeletons), ``out_dir/NAME.json`` (its detections) and ``out_dir/predictions.json``
-    (all of them); returns what ``predictions.json`` holds.
+    (all of them); returns what ``predictions.json`` holds. A model with a semantic branch also writes
+    ``out_dir/NAME_sem_seg.png``, its label map (pixel = class id; a palette PNG,
+    :func:`~megdet.data.semantic.save_label_map`), named in the entry as ``sem_seg``.
 
     Every path is checked before the first prediction; two inputs with the same file name get
     ``NAME_1``, ``NAME_2``... outputs.
@@ -506,6 +523,10 @@ def predict_files(
             "drawn": str(png),
             "detections": detections,
         }
+        if "sem_seg" in pred:
+            from megdet.data.semantic import save_label_map
+
+            entry["sem_seg"] = str(save_label_map(pred["sem_seg"], out / f"{name}_sem_seg.png"))
         with open(out / f"{name}.json", "w") as f:
             json.dump(entry, f)
         everything.append(entry)

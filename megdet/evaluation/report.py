@@ -100,6 +100,19 @@ def ap_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sem_seg_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the semantic segmentation metrics, one row per run that has them ("" if none)."""
+    from megdet.evaluation.sem_seg_eval import STAT_NAMES
+
+    rows = [(name, ev["sem_seg"]["stats"]) for name, ev in results.items() if "sem_seg" in ev]
+    if not rows:
+        return ""
+    lines = ["| run | " + " | ".join(STAT_NAMES) + " |", "|---|" + "---|" * len(STAT_NAMES)]
+    for name, stats in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * stats[k]:.1f}" for k in STAT_NAMES) + " |")
+    return "\n".join(lines)
+
+
 def write_report(
     out_path: str | Path,
     title: str,
@@ -125,6 +138,9 @@ def write_report(
         parts += [f"| {k} | {v} |" for k, v in facts.items()]
         parts.append("")
     parts += ["## COCO metrics (percent)", "", ap_table(results), ""]
+    semantic = sem_seg_table(results)
+    if semantic:
+        parts += ["## Semantic segmentation (percent)", "", semantic, ""]
     if plots:
         parts += ["## Training curves", ""]
         parts += [f"![{Path(p).stem}]({rel(p)})" for p in plots]

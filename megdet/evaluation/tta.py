@@ -8,6 +8,9 @@ or NMS followed by box voting); then every run predicts masks and keypoint heatm
 mirrored back, keypoint channels swapped with the flip map) before the masks are pasted at image
 resolution and the heatmaps decoded. Averaging in box-relative space is averaging at image
 resolution, because every run sees the same merged box. An ensemble is the same with several models.
+Models with a semantic branch give their semantic context to their own RoI heads in every run, and
+their per-pixel class probabilities, resampled to the original image (flipped views mirrored back),
+are averaged like the mask probabilities before the arg-max gives the ``sem_seg`` label map.
 
 Resizing is the data pipeline's own :class:`~megdet.data.transforms.ResizeShortestEdge`, applied to
 the normalised image (the pipeline resizes before normalising; both are linear per pixel, so the two
@@ -25,6 +28,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import batched_nms, box_iou
 
 from megdet.data.transforms import ResizeShortestEdge
+from megdet.modeling.semantic import SemanticContext, resize_logits
 
 BOX_MERGES = ("nms", "vote")
 
@@ -107,6 +111,7 @@ class _Run:
     features: list[Tensor]
     sizes: list[Size]  # per image, the resized size in this view
     boxes: list[Tensor]  # per image, the run's own detections in its frame
+    context: SemanticContext | None = None  # the model's semantic context in this view, if it has a branch
 
 
 class MultiViewPredictor:
@@ -116,7 +121,7 @@ class MultiViewPredictor:
     output matches a model's eval output in original-image coordinates: ``boxes``, ``scores``,
     ``labels``, plus ``masks`` (N, 1, H, W) probabilities when a model has a mask head and
     ``keypoints`` (N, K, 3: x, y, score) when one has a keypoint head (averaged over the models that
-    have it). Models must be in eval mode and share their categories (and keypoints).
+    have it), and ``sem_seg`` (H, W) class ids when one has a semantic branch. Models must be in eval mode and share their categories (and keypoints).
 
     Args:
         models: detectors with the stage methods of :class:`~megdet.modeling.GeneralizedRCNN`.
@@ -175,6 +180,12 @@ class MultiViewPredictor:
         if len({h.num_keypoints for h in kp_heads}) > 1:
             raise ValueError("ensemble models predict different numbers of keypoints (model.num_keypoints)")
         self.num_keypoints = kp_heads[0].num_keypoints if kp_heads else 0
+        branches = [b for b in (getattr(m, "semantic_branch", None) for m in self.models) if b is not None]
+        self.sem_seg_on = bool(branches)
+        if len({b.num_classes for b in branches}) > 1:
+            raise ValueError(
+                "ensemble models predict different numbers of semantic classes (model.context.num_semantic_classes)"
+            )
         if self.keypoint_on and any(v.flip for v in self.views):
             if self.flip_map is None:
                 raise ValueError("flipped views of a keypoint model need keypoint_flip_map (the dataset's)")
@@ -232,9 +243,10 @@ class MultiViewPredictor:
             for v, view in enumerate(self.views):
                 batch, sizes = self._prepare(on_device, v, device)
                 features = model.backbone(batch)
+                context = model.semantic_context(features, sizes) if hasattr(model, "semantic_context") else None
                 proposals = model.rpn_proposals(batch, sizes, features)
-                dets = model.roi_heads.detect_boxes(features, proposals, sizes)
-                run = _Run(model, view, features, sizes, [d["boxes"] for d in dets])
+                dets = model.roi_heads.detect_boxes(features, proposals, sizes, context)
+                run = _Run(model, view, features, sizes, [d["boxes"] for d in dets], context)
                 runs.append(run)
                 for i, det in enumerate(dets):
                     boxes = _from_view(det["boxes"].float(), origs[i], sizes[i], view.flip)
@@ -279,6 +291,9 @@ class MultiViewPredictor:
                     det["mask_probs"] = probs
         if self.keypoint_on:
             self._keypoints(runs, merged, origs)
+        if self.sem_seg_on:
+            for det, probs in zip(merged, self._semantic_probs(runs, origs)):
+                det["sem_seg"] = probs.argmax(dim=0).to(det["boxes"].device)
         return merged
 
     def _view_boxes(
@@ -306,12 +321,28 @@ class MultiViewPredictor:
             count += 1
             labels = [det["labels"].to(_device_of(run.model)) for det in merged]
             boxes = self._view_boxes(run, merged, origs, run.view.flip, len(runs) == 1)
-            for i, p in enumerate(run.model.roi_heads.mask_probs(run.features, boxes, labels)):
+            for i, p in enumerate(run.model.roi_heads.mask_probs(run.features, boxes, labels, run.context)):
                 p = p.float().to(merged[i]["boxes"].device)
                 if run.view.flip:
                     p = p.flip(-1)
                 acc[i] = p if acc[i] is None else acc[i] + p
         return [a / count for a in acc]  # type: ignore[operator]
+
+    @staticmethod
+    def _semantic_probs(runs: list[_Run], origs: list[Size]) -> list[Tensor]:
+        """Per image (K, H, W): the class probabilities of the runs with a semantic branch, resampled to
+        the original image (flipped views mirrored back) and averaged."""
+        acc: list[Tensor | None] = [None] * len(origs)
+        sem_runs = [r for r in runs if r.context is not None]
+        for run in sem_runs:
+            assert run.context is not None
+            for i, (logits, size) in enumerate(zip(run.context.logits, run.sizes)):
+                p = resize_logits(logits, run.context.stride, size, origs[i]).softmax(dim=0)
+                if run.view.flip:
+                    p = p.flip(-1)
+                p = p.to(_device_of(runs[0].model))
+                acc[i] = p if acc[i] is None else acc[i] + p
+        return [a / len(sem_runs) for a in acc]  # type: ignore[operator]
 
     def _keypoints(self, runs: list[_Run], merged: list[dict[str, Tensor]], origs: list[Size]) -> None:
         """Adds ``keypoints`` (N, K, 3) to every merged detection.

@@ -37,7 +37,8 @@ def _select(prediction: Mapping[str, Tensor], score_threshold: float) -> dict[st
                 f"prediction has no '{key}'; expected boxes, scores, labels (and masks, keypoints)"
             )
     keep = prediction["scores"].detach().cpu() >= score_threshold
-    return {k: v.detach().cpu()[keep] for k, v in prediction.items() if isinstance(v, Tensor)}
+    # sem_seg (a per-pixel label map, not per detection) is written by megdet predict as its own PNG.
+    return {k: v.detach().cpu()[keep] for k, v in prediction.items() if isinstance(v, Tensor) and k != "sem_seg"}
 
 
 def _names(labels: Tensor, category_names: Sequence[str]) -> list[str]:

@@ -21,6 +21,13 @@ from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 from megdet.modeling.backbone import RESNETS, ResNetFPN, build_backbone, check_norm, default_head_norm
 from megdet.modeling.roi_heads import BOX_HEADS, POOLERS, BoxHead, KeypointHead, MaskHead, RoIHeads
 from megdet.modeling.rpn import RPN
+from megdet.modeling.semantic import (
+    SemanticBranch,
+    SemanticContext,
+    build_semantic_parts,
+    check_context_config,
+    semantic_kwargs_from_config,
+)
 
 ImageSizes = Sequence[Sequence[int]]
 
@@ -34,6 +41,10 @@ class GeneralizedRCNN(nn.Module):
     returns per image ``boxes`` (N, 4), ``scores``, ``labels`` and, when on, ``masks``
     (N, 1, H, W float probabilities pasted into the image) and ``keypoints`` (N, K, 3: x, y, score),
     in ``original_sizes`` coordinates when given, else in the resized image's.
+
+    ``semantic_branch`` (MegDet's "+Context/Seg", :mod:`megdet.modeling.semantic`): trains on each
+    target's ``sem_seg`` map (``loss_sem_seg``), gives its context to the RoI heads that take one, and
+    adds ``sem_seg`` (H, W) int64 class ids to every eval output.
 
     ``channels_last`` stores every conv weight in NHWC order; convolutions then produce NHWC
     activations from the first layer on, whatever the input's layout. Results are the same up to
@@ -49,11 +60,13 @@ class GeneralizedRCNN(nn.Module):
         roi_heads: RoIHeads,
         num_classes: int,
         channels_last: bool = False,
+        semantic_branch: SemanticBranch | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
+        self.semantic_branch = semantic_branch
         self.num_classes = num_classes
         self.channels_last = channels_last
         if channels_last:
@@ -65,6 +78,10 @@ class GeneralizedRCNN(nn.Module):
             raise ValueError("rpn_proposals: call model.eval() first (training proposals need targets)")
         proposals, _ = self.rpn(images, image_sizes, features)
         return proposals
+
+    def semantic_context(self, features: list[Tensor], image_sizes: ImageSizes) -> SemanticContext | None:
+        """The semantic branch's output for already computed features (None without the branch)."""
+        return self.semantic_branch(features, image_sizes) if self.semantic_branch is not None else None
 
     def forward(
         self,
@@ -80,13 +97,22 @@ class GeneralizedRCNN(nn.Module):
                 got = "none" if targets is None else len(targets)
                 raise ValueError(f"GeneralizedRCNN: training needs one target dict per image, got {got}")
             features = self.backbone(images)
+            context = self.semantic_context(features, image_sizes)
             # Padded proposals: the per-image counts stay on the device.
             proposals, rpn_losses = self.rpn(images, image_sizes, features, targets, padded=True)
-            _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
-            return {**rpn_losses, **roi_losses}
+            _, roi_losses = self.roi_heads(features, proposals, image_sizes, targets, context=context)
+            losses = {**rpn_losses, **roi_losses}
+            if self.semantic_branch is not None and context is not None:
+                losses["loss_sem_seg"] = self.semantic_branch.loss(context.logits, targets, image_sizes)
+            return losses
         features = self.backbone(images)
+        context = self.semantic_context(features, image_sizes)
         proposals = self.rpn_proposals(images, image_sizes, features)
-        detections, _ = self.roi_heads(features, proposals, image_sizes)
+        detections, _ = self.roi_heads(features, proposals, image_sizes, context=context)
+        if self.semantic_branch is not None and context is not None:
+            sizes = original_sizes if original_sizes is not None else image_sizes
+            for det, labels in zip(detections, self.semantic_branch.label_maps(context, image_sizes, sizes)):
+                det["sem_seg"] = labels
         return postprocess_detections(detections, image_sizes, original_sizes)
 
 
@@ -94,7 +120,8 @@ def postprocess_detections(
     detections: list[dict[str, Tensor]], image_sizes: ImageSizes, original_sizes: ImageSizes | None = None
 ) -> list[dict[str, Tensor]]:
     """Rescales boxes / keypoints to ``original_sizes`` (when given) and pastes mask probabilities
-    (``mask_probs``, box frame) into (N, 1, H, W) image-sized ``masks``."""
+    (``mask_probs``, box frame) into (N, 1, H, W) image-sized ``masks``; ``sem_seg`` (already at the
+    output size) is passed on."""
     out = []
     for i, det in enumerate(detections):
         h, w = (int(v) for v in image_sizes[i])
@@ -112,6 +139,8 @@ def postprocess_detections(
             kp[..., 0] *= sx
             kp[..., 1] *= sy
             res["keypoints"] = kp
+        if "sem_seg" in det:
+            res["sem_seg"] = det["sem_seg"]
         out.append(res)
     return out
 
@@ -142,6 +171,7 @@ def check_model_config(cfg: Config) -> None:
             f"model.bn_group_images={m.bn_group_images} does not divide data.images_per_device="
             f"{cfg.data.images_per_device}; choose a divisor"
         )
+    check_context_config(cfg)
     require_choice("model.roi.pooler", roi.pooler, POOLERS)
     require_choice("model.roi.box_head", roi.box_head, BOX_HEADS)
     at_least = [
@@ -199,7 +229,7 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
 
     Returns ``{"num_classes", "bn_group_size", "bn_local_groups", "max_mask_keypoint_rois", "backbone", "rpn", "box_head",
-    "mask_head", "keypoint_head"}``; the last two are ``None`` when the task is off. The FPN and heads
+    "mask_head", "keypoint_head", "semantic"}``; the last three are ``None`` when the task is off. The FPN and heads
     use ``model.head_norm``, or ``default_head_norm(norm)`` when it is empty.
     """
     m = cfg.model
@@ -270,6 +300,7 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
         }
         if m.keypoint_on
         else None,
+        "semantic": semantic_kwargs_from_config(cfg, head_norm),
     }
 
 
@@ -279,12 +310,19 @@ def build_model_from_kwargs(kwargs: Mapping[str, Any], channels_last: bool = Fal
     c = backbone.out_channels
     rpn = RPN(in_channels=c, strides=backbone.strides, **kwargs["rpn"])
     scales = [1.0 / s for s in backbone.strides[:4]]  # heads pool from P2..P5
-    box_head = BoxHead(in_channels=c, scales=scales, **kwargs["box_head"])
-    mask_kw, kp_kw = kwargs.get("mask_head"), kwargs.get("keypoint_head")
-    mask_head = MaskHead(in_channels=c, scales=scales, **mask_kw) if mask_kw else None
+    mask_kw, kp_kw, sem_kw = kwargs.get("mask_head"), kwargs.get("keypoint_head"), kwargs.get("semantic")
+    semantic = box_ctx = mask_ctx = None
+    if sem_kw:
+        semantic, box_ctx, mask_ctx = build_semantic_parts(
+            in_channels=c, box_head=kwargs["box_head"], mask_head=mask_kw, **sem_kw
+        )
+    box_head = BoxHead(in_channels=c, scales=scales, context=box_ctx, **kwargs["box_head"])
+    mask_head = MaskHead(in_channels=c, scales=scales, context=mask_ctx, **mask_kw) if mask_kw else None
     kp_head = KeypointHead(in_channels=c, scales=scales, **kp_kw) if kp_kw else None
     heads = RoIHeads(box_head, mask_head, kp_head, kwargs.get("max_mask_keypoint_rois", 0))
-    model = GeneralizedRCNN(backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last)
+    model = GeneralizedRCNN(
+        backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last, semantic_branch=semantic
+    )
     set_bn_groups(model, kwargs.get("bn_group_size"), kwargs.get("bn_local_groups", 1))
     return model
 

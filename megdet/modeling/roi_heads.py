@@ -43,6 +43,7 @@ from megdet.modeling.box_ops import (
     sample_balanced,
 )
 from megdet.modeling.poolers import MultiLevelPooler
+from megdet.modeling.semantic import RoIContext, SemanticContext
 
 POOLERS = ("roialign", "prroi")
 BOX_HEADS = ("2fc", "4conv1fc")
@@ -120,6 +121,7 @@ class BoxHead(nn.Module):
     (``conv_dim``, with ``norm``) then one fc. Training samples ``batch_size_per_image`` RoIs per
     image (``positive_fraction`` foreground, GT boxes added to the proposals); inference decodes,
     clips, drops scores <= ``score_thresh``, runs NMS per class and keeps ``detections_per_img``.
+    ``context``: the semantic context it takes in (:class:`~megdet.modeling.semantic.RoIContext`), if any.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class BoxHead(nn.Module):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        context: RoIContext | None = None,
     ) -> None:
         super().__init__()
         _check_choice(head_type, BOX_HEADS, "model.roi.box_head")
@@ -162,6 +165,7 @@ class BoxHead(nn.Module):
                 norm_layer_or_none(norm),
             )
         self.predictor = FastRCNNPredictor(fc_dim, num_classes + 1)  # + background
+        self.context = context
         # Small initial logits / deltas: training from scratch starts near uniform and unmoved boxes.
         nn.init.normal_(self.predictor.cls_score.weight, std=0.01)
         nn.init.normal_(self.predictor.bbox_pred.weight, std=0.001)
@@ -219,13 +223,23 @@ class BoxHead(nn.Module):
         return PaddedRoISamples(rois, labels, matched, regression, sampled)
 
     def forward(
-        self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
+        self,
+        features: list[Tensor],
+        boxes: list[Tensor],
+        level_counts: Sequence[int] | None = None,
+        context: SemanticContext | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Class logits (R, C+1) and per-class box deltas (R, (C+1)*4) for all images' boxes, float32.
 
-        ``level_counts``: see :meth:`MultiLevelPooler.forward`."""
+        ``level_counts``: see :meth:`MultiLevelPooler.forward`; ``context``: the model's semantic
+        context, required when the head takes one."""
         x = self.pooler(features[: self.num_levels], boxes, level_counts)
-        logits, deltas = self.predictor(self.head(x))
+        if self.context is not None:
+            x = self.context.add_roi_features(x, context, boxes)
+        representation = self.head(x)
+        if self.context is not None:
+            representation = self.context.add_global(representation, context, boxes)
+        logits, deltas = self.predictor(representation)
         return logits.float(), deltas.float()
 
     def loss(self, logits: Tensor, deltas: Tensor, samples: RoISamples) -> dict[str, Tensor]:
@@ -269,6 +283,7 @@ class MaskHead(nn.Module):
 
     Outputs (R, C+1, 2*pool_size, 2*pool_size) logits; training uses torchvision's ``maskrcnn_loss``
     (GT masks cropped to each RoI with RoIAlign, binary cross-entropy on the RoI's own class).
+    ``context``: the semantic context it takes in (:class:`~megdet.modeling.semantic.RoIContext`), if any.
     """
 
     def __init__(
@@ -283,9 +298,11 @@ class MaskHead(nn.Module):
         sampling_ratio: int = 2,
         scales: Sequence[float] = POOLER_SCALES,
         norm: str = "none",
+        context: RoIContext | None = None,
     ) -> None:
         super().__init__()
         self.num_levels = len(scales)
+        self.context = context
         self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
         self.convs = MaskRCNNHeads(in_channels, [conv_dim] * num_convs, 1, norm_layer_or_none(norm))
         width = conv_dim if num_convs > 0 else in_channels
@@ -293,9 +310,15 @@ class MaskHead(nn.Module):
         self.mask_size = 2 * pool_size
 
     def forward(
-        self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
+        self,
+        features: list[Tensor],
+        boxes: list[Tensor],
+        level_counts: Sequence[int] | None = None,
+        context: SemanticContext | None = None,
     ) -> Tensor:
         x = self.pooler(features[: self.num_levels], boxes, level_counts)
+        if self.context is not None:
+            x = self.context.add_roi_features(x, context, boxes)
         return self.predictor(self.convs(x)).float().contiguous()
 
     def loss(
@@ -426,7 +449,8 @@ class RoIHeads(nn.Module):
     ``max_mask_keypoint_rois`` > 0 caps each of those two RoI sets per image at a random subset.
     Eval: ``-> (detections, {})`` with per image ``boxes``, ``scores``, ``labels`` and, when the heads
     are on, ``mask_probs`` (N, M, M) in each box's frame and ``keypoints`` (N, K, 3), all in the
-    coordinates of ``image_sizes``.
+    coordinates of ``image_sizes``. ``context`` (every method): the model's semantic context, passed on
+    to the box and mask heads (those built with a :class:`~megdet.modeling.semantic.RoIContext` need it).
     """
 
     def __init__(
@@ -512,17 +536,18 @@ class RoIHeads(nn.Module):
         proposals: list[Tensor] | Proposals,
         image_sizes: ImageSizes,
         targets: list[dict[str, Tensor]] | None = None,
+        context: SemanticContext | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         if not self.training:
             if isinstance(proposals, Proposals):
                 proposals = proposals.to_list()
-            return self.predict(features, proposals, image_sizes), {}
+            return self.predict(features, proposals, image_sizes, context), {}
         targets = self._check_targets(targets)
         padded = self.box_head.sample_padded(proposals, targets)
         chosen = self._choose(padded, targets)
         counts = self._read_counts(padded, chosen)
         samples = padded.select(counts[0])
-        logits, deltas = self.box_head(features, samples.proposals, level_counts=counts[1])
+        logits, deltas = self.box_head(features, samples.proposals, level_counts=counts[1], context=context)
         losses = self.box_head.loss(logits, deltas, samples)
         # The mask / keypoint heads run even on zero RoIs: a cross-device BN inside them must take
         # part in its collectives on every device, and every parameter gets a (zero) gradient.
@@ -532,20 +557,25 @@ class RoIHeads(nn.Module):
             boxes = [p[k] for p, k in zip(padded.proposals, keep)]
             matched = [m[k] for m, k in zip(padded.matched_idxs, keep)]
             head = getattr(self, f"{name}_head")
-            head_logits = head(features, boxes, level_counts=level_counts)
+            extra = {"context": context} if name == "mask" else {}
+            head_logits = head(features, boxes, level_counts=level_counts, **extra)
             losses[f"loss_{name}"] = head.loss(head_logits, boxes, matched, targets)
         return [], losses
 
     @torch.no_grad()
     def predict(
-        self, features: list[Tensor], proposals: list[Tensor], image_sizes: ImageSizes
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: ImageSizes,
+        context: SemanticContext | None = None,
     ) -> list[dict[str, Tensor]]:
         """Boxes, then masks and keypoints for the detected boxes (the eval forward)."""
-        detections = self.detect_boxes(features, proposals, image_sizes)
+        detections = self.detect_boxes(features, proposals, image_sizes, context)
         boxes = [d["boxes"] for d in detections]
         if self.mask_head is not None:
             for d, probs in zip(
-                detections, self.mask_probs(features, boxes, [d["labels"] for d in detections])
+                detections, self.mask_probs(features, boxes, [d["labels"] for d in detections], context)
             ):
                 d["mask_probs"] = probs
         if self.keypoint_head is not None:
@@ -554,17 +584,27 @@ class RoIHeads(nn.Module):
         return detections
 
     def detect_boxes(
-        self, features: list[Tensor], proposals: list[Tensor], image_sizes: ImageSizes
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: ImageSizes,
+        context: SemanticContext | None = None,
     ) -> list[dict[str, Tensor]]:
         """Per image ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) for the given proposals."""
-        logits, deltas = self.box_head(features, proposals)
+        logits, deltas = self.box_head(features, proposals, context=context)
         return self.box_head.postprocess(logits, deltas, proposals, image_sizes)
 
-    def mask_probs(self, features: list[Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
+    def mask_probs(
+        self,
+        features: list[Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        context: SemanticContext | None = None,
+    ) -> list[Tensor]:
         """Per image (N, M, M) mask probabilities (box frame) of each box's own label."""
         if self.mask_head is None:
             raise ValueError("mask_probs: this model has no mask head (model.mask_on is false)")
-        return MaskHead.probs(self.mask_head(features, boxes), labels)
+        return MaskHead.probs(self.mask_head(features, boxes, context=context), labels)
 
     def keypoint_heatmaps(self, features: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Per image (N, K, S, S) keypoint heatmap logits for the given boxes."""

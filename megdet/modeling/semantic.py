@@ -1,0 +1,319 @@
+"""MegDet's "+Context/Seg": a semantic segmentation branch on the FPN, and the context it gives the RoI heads.
+
+:class:`SemanticBranch` fuses the pyramid levels P2..P5 at one resolution (1/8 by default): a 1x1
+conv per level, finer levels average-pooled and coarser ones bilinearly upsampled to the fusion size,
+summed; then a few 3x3 convs and a per-pixel classifier over the semantic classes, trained with a
+cross-entropy of its own weight that ignores label 255 (the padding of a batch too). The layout
+follows the fused semantic head of Hybrid Task Cascade (Chen et al. 2019), the published form of
+"segmentation as context" for detection.
+
+With context on, the branch also produces an embedding with the FPN's channel count, and
+:class:`RoIContext` gives it to the RoI heads: pooled for each RoI with the head's own pooler and
+added to the head's pooled features (box and mask heads: ``roi_features``), and averaged over each
+image into a global context vector, projected and added to the box head's representation before its
+classifier (``global_context``). Both projections start at zero so a context model starts as the
+plain one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation, roi_align
+
+from megdet.config import Config, ConfigError, require_at_least
+from megdet.data.semantic import IGNORE_LABEL, semantic_num_classes
+from megdet.modeling.backbone import norm_layer_or_none
+from megdet.modeling.poolers import MultiLevelPooler
+
+# The strides of the pyramid levels the branch fuses (P2..P5; P6 only feeds the RPN).
+FUSED_STRIDES = (4, 8, 16, 32)
+
+ImageSizes = Sequence[Sequence[int]]
+
+
+@dataclass
+class SemanticContext:
+    """What the branch computed for a batch: ``logits`` (B, K, h, w) at 1/``stride``; with context on
+    ``features`` (B, C, h, w), C the FPN's channels, and with the global context ``global_features``
+    (B, C), ``features`` averaged over each image's own (unpadded) area."""
+
+    logits: Tensor
+    stride: int
+    features: Tensor | None = None
+    global_features: Tensor | None = None
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> nn.Module:
+    return Conv2dNormActivation(in_channels, out_channels, kernel_size=kernel_size, norm_layer=norm_layer_or_none(norm))
+
+
+class SemanticBranch(nn.Module):
+    """Per-pixel classification from the FPN levels ``P2..P5``, fused at 1/``stride``.
+
+    ``forward(features, image_sizes) -> SemanticContext``. ``context_channels`` > 0 adds the 1x1
+    embedding the RoI heads pool (it must equal their input channels); ``global_context`` also
+    averages it over every image. ``norm`` is the heads' norm (``model.head_norm``): BN, GN, the
+    cross-device BN or none.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        stride: int = 8,
+        num_convs: int = 4,
+        conv_dim: int = 128,
+        norm: str = "none",
+        loss_weight: float = 0.2,
+        context_channels: int = 0,
+        global_context: bool = False,
+        in_strides: Sequence[int] = FUSED_STRIDES,
+    ) -> None:
+        super().__init__()
+        if stride not in in_strides:
+            raise ValueError(f"model.context.semantic_stride: expected one of {list(in_strides)}, got {stride}")
+        if num_classes < 2 or num_classes > IGNORE_LABEL:
+            raise ValueError(f"model.context.num_semantic_classes: expected 2..{IGNORE_LABEL}, got {num_classes}")
+        if not loss_weight >= 0:
+            raise ValueError(f"model.context.semantic_loss_weight: expected >= 0, got {loss_weight}")
+        if global_context and context_channels < 1:
+            raise ValueError("SemanticBranch: global_context needs context_channels (the embedding it averages)")
+        self.num_classes = num_classes
+        self.stride = stride
+        self.in_strides = tuple(int(s) for s in in_strides)
+        self.loss_weight = loss_weight
+        self.global_context = global_context
+        self.laterals = nn.ModuleList(_conv(in_channels, conv_dim, 1, norm) for _ in self.in_strides)
+        self.convs = nn.Sequential(*(_conv(conv_dim, conv_dim, 3, norm) for _ in range(num_convs)))
+        self.predictor = nn.Conv2d(conv_dim, num_classes, kernel_size=1)
+        self.embedding = _conv(conv_dim, context_channels, 1, norm) if context_channels > 0 else None
+
+    def fuse(self, features: Sequence[Tensor]) -> Tensor:
+        """The levels (finest first, one per ``in_strides``) through their 1x1 convs, brought to the size
+        of the level at ``stride`` and summed: (B, conv_dim, H/stride, W/stride)."""
+        if len(features) < len(self.in_strides):
+            raise ValueError(f"SemanticBranch: {len(features)} feature maps for strides {list(self.in_strides)}")
+        size = features[self.in_strides.index(self.stride)].shape[-2:]
+        fused = None
+        for lateral, x in zip(self.laterals, features):
+            y = lateral(x)
+            if y.shape[-2] > size[0]:
+                y = F.adaptive_avg_pool2d(y, size)
+            elif y.shape[-2] < size[0]:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            fused = y if fused is None else fused + y
+        assert fused is not None
+        return fused
+
+    def forward(self, features: Sequence[Tensor], image_sizes: ImageSizes) -> SemanticContext:
+        x = self.convs(self.fuse(features))
+        context = SemanticContext(logits=self.predictor(x), stride=self.stride)
+        if self.embedding is not None:
+            context.features = self.embedding(x)
+            if self.global_context:
+                context.global_features = masked_image_mean(context.features, image_sizes, self.stride)
+        return context
+
+    def loss(self, logits: Tensor, targets: Sequence[dict[str, Tensor]], image_sizes: ImageSizes) -> Tensor:
+        """Cross-entropy of the logits against each target's ``sem_seg`` (h, w) map at the input size,
+        sampled at the centre pixel of every 1/stride cell; label 255 and the batch's padding are
+        ignored. The mean over the labelled cells (0, attached to the graph, when none), times
+        ``loss_weight``."""
+        labels = logits.new_full((len(targets), *logits.shape[-2:]), IGNORE_LABEL, dtype=torch.int64)
+        s = self.stride
+        for i, (t, (h, w)) in enumerate(zip(targets, image_sizes)):
+            if "sem_seg" not in t:
+                raise ValueError(f"targets[{i}] has no 'sem_seg' (model.context.semantic needs per-pixel labels)")
+            sem = t["sem_seg"]
+            if tuple(sem.shape) != (int(h), int(w)):
+                raise ValueError(f"targets[{i}]['sem_seg'] is {tuple(sem.shape)} but the image is {(int(h), int(w))}")
+            rows = torch.arange(s // 2, int(h), s, device=sem.device)[: labels.shape[1]]
+            cols = torch.arange(s // 2, int(w), s, device=sem.device)[: labels.shape[2]]
+            labels[i, : len(rows), : len(cols)] = sem.index_select(0, rows).index_select(1, cols).long()
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction="sum")
+        count = (labels != IGNORE_LABEL).sum().clamp(min=1)
+        return self.loss_weight * ce / count
+
+    def label_maps(self, context: SemanticContext, image_sizes: ImageSizes, out_sizes: ImageSizes) -> list[Tensor]:
+        """Per image the (H, W) int64 arg-max class at ``out_sizes`` (e.g. the original image sizes)."""
+        return [
+            resize_logits(logits, self.stride, size, out).argmax(dim=0)
+            for logits, size, out in zip(context.logits, image_sizes, out_sizes)
+        ]
+
+
+def resize_logits(logits: Tensor, stride: int, image_size: Sequence[int], out_size: Sequence[int]) -> Tensor:
+    """(K, h, w) logits at 1/``stride`` of an input whose image covers ``image_size`` (the rest is padding)
+    -> (K, H, W) float32 at ``out_size``: the image's area bilinearly resampled at the centres of the
+    output pixels (one RoIAlign sample each), i.e. crop and resize in one step."""
+    h, w = (int(v) for v in image_size)
+    oh, ow = (int(v) for v in out_size)
+    box = torch.tensor([[0.0, 0.0, 0.0, float(w), float(h)]], device=logits.device)
+    return roi_align(logits[None].float(), box, (oh, ow), spatial_scale=1.0 / stride, sampling_ratio=1, aligned=True)[0]
+
+
+def masked_image_mean(features: Tensor, image_sizes: ImageSizes, stride: int) -> Tensor:
+    """(B, C): each image's features averaged over the cells its unpadded area reaches."""
+    b, _, fh, fw = features.shape
+    rows = torch.arange(fh, device=features.device)
+    cols = torch.arange(fw, device=features.device)
+    hs = torch.tensor([-(-int(h) // stride) for h, _ in image_sizes], device=features.device)
+    ws = torch.tensor([-(-int(w) // stride) for _, w in image_sizes], device=features.device)
+    mask = (rows[None, :, None] < hs[:, None, None]) & (cols[None, None, :] < ws[:, None, None])
+    weights = mask.to(features.dtype)[:, None]
+    return (features * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)).clamp(min=1)
+
+
+class RoIContext(nn.Module):
+    """The semantic context one RoI head takes in (owned by the head, called from its forward).
+
+    ``roi_features``: the branch's embedding pooled for each RoI (a one-level pooler of the head's
+    type and size at the branch's stride), added to the head's pooled FPN features.
+    ``global_channels`` > 0: the image's global context vector projected to ``representation_dim``
+    and added to each of its RoIs' representation (the box head's fc output).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool_size: int,
+        stride: int,
+        pooler_type: str = "roialign",
+        sampling_ratio: int = 2,
+        roi_features: bool = True,
+        global_channels: int = 0,
+        representation_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.pooler = (
+            MultiLevelPooler(pool_size, [1.0 / stride], sampling_ratio=sampling_ratio, pooler_type=pooler_type)
+            if roi_features
+            else None
+        )
+        self.global_proj = nn.Linear(global_channels, representation_dim) if global_channels > 0 else None
+        if self.global_proj is not None:
+            # Zero at first: a context model starts from the plain head's function.
+            nn.init.zeros_(self.global_proj.weight)
+            nn.init.zeros_(self.global_proj.bias)
+
+    @staticmethod
+    def _require(context: SemanticContext | None, what: str) -> Any:
+        value = getattr(context, what, None) if context is not None else None
+        if value is None:
+            raise ValueError(
+                f"this RoI head takes semantic context ({what}); pass the model's semantic_context(...) output"
+            )
+        return value
+
+    def add_roi_features(self, pooled: Tensor, context: SemanticContext | None, boxes: list[Tensor]) -> Tensor:
+        """``pooled`` (R, C, S, S) plus the embedding pooled for the same RoIs (unchanged without ``roi_features``)."""
+        if self.pooler is None:
+            return pooled
+        features = self._require(context, "features")
+        return pooled + self.pooler([features], boxes).to(pooled.dtype)
+
+    def add_global(self, representation: Tensor, context: SemanticContext | None, boxes: list[Tensor]) -> Tensor:
+        """``representation`` (R, D) plus each RoI's image's projected global context (unchanged without it)."""
+        if self.global_proj is None:
+            return representation
+        vector = self.global_proj(self._require(context, "global_features")).to(representation.dtype)
+        counts = [len(b) for b in boxes]
+        repeats = torch.as_tensor(counts, device=vector.device)
+        return representation + vector.repeat_interleave(repeats, dim=0, output_size=sum(counts))
+
+
+# --------------------------------------------------------------------------------------------------
+# Config -> parts
+# --------------------------------------------------------------------------------------------------
+
+
+def check_context_config(cfg: Config) -> None:
+    """One-line ConfigErrors for ``model.context.*`` (and ``data.sem_seg_dir``) values no model can use."""
+    c = cfg.model.context
+    if (c.roi_features or c.global_context) and not c.semantic:
+        raise ConfigError(
+            "model.context.roi_features / global_context use the semantic branch's features; set model.context.semantic=true"
+        )
+    if not c.semantic:
+        return
+    if cfg.data.sem_seg_dir and c.num_semantic_classes == 0:
+        raise ConfigError(
+            f"model.context.num_semantic_classes: set it (more than the largest id in the label maps of "
+            f"data.sem_seg_dir={cfg.data.sem_seg_dir}); 0 only works with labels built from instance masks"
+        )
+    if c.semantic_stride not in FUSED_STRIDES:
+        raise ConfigError(f"model.context.semantic_stride: expected one of {list(FUSED_STRIDES)}, got {c.semantic_stride}")
+    require_at_least([
+        ("model.context.num_semantic_classes", c.num_semantic_classes, 0),
+        ("model.context.semantic_convs", c.semantic_convs, 0),
+        ("model.context.semantic_dim", c.semantic_dim, 1),
+        ("model.context.semantic_loss_weight", c.semantic_loss_weight, 0.0),
+    ])  # fmt: skip
+    classes = semantic_num_classes(c.num_semantic_classes, cfg.model.num_classes)
+    if not 2 <= classes <= IGNORE_LABEL:
+        raise ConfigError(f"model.context.num_semantic_classes: expected 2..{IGNORE_LABEL} classes, got {classes}")
+
+
+def semantic_kwargs_from_config(cfg: Config, head_norm: str) -> dict[str, Any] | None:
+    """:func:`build_semantic_parts` arguments for ``cfg.model.context`` (None when the branch is off)."""
+    c = cfg.model.context
+    if not c.semantic:
+        return None
+    return {
+        "num_classes": semantic_num_classes(c.num_semantic_classes, cfg.model.num_classes),
+        "stride": c.semantic_stride,
+        "num_convs": c.semantic_convs,
+        "conv_dim": c.semantic_dim,
+        "norm": head_norm,
+        "loss_weight": c.semantic_loss_weight,
+        "roi_features": c.roi_features,
+        "global_context": c.global_context,
+    }
+
+
+def build_semantic_parts(
+    *,
+    in_channels: int,
+    box_head: dict[str, Any],
+    mask_head: dict[str, Any] | None,
+    roi_features: bool,
+    global_context: bool,
+    **branch: Any,
+) -> tuple[SemanticBranch, RoIContext | None, RoIContext | None]:
+    """The branch and the box / mask heads' :class:`RoIContext` (None where that head takes no context).
+
+    ``box_head`` / ``mask_head`` are the heads' constructor arguments (pool size, pooler, fc_dim).
+    """
+    with_context = roi_features or global_context
+    sem = SemanticBranch(
+        in_channels=in_channels,
+        context_channels=in_channels if with_context else 0,
+        global_context=global_context,
+        **branch,
+    )
+    box_ctx = mask_ctx = None
+    if with_context:
+        box_ctx = RoIContext(
+            pool_size=box_head.get("pool_size", 7),
+            stride=sem.stride,
+            pooler_type=box_head.get("pooler_type", "roialign"),
+            sampling_ratio=box_head.get("sampling_ratio", 2),
+            roi_features=roi_features,
+            global_channels=in_channels if global_context else 0,
+            representation_dim=box_head.get("fc_dim", 1024),
+        )
+    if roi_features and mask_head is not None:
+        mask_ctx = RoIContext(
+            pool_size=mask_head.get("pool_size", 14),
+            stride=sem.stride,
+            pooler_type=mask_head.get("pooler_type", "roialign"),
+            sampling_ratio=mask_head.get("sampling_ratio", 2),
+        )
+    return sem, box_ctx, mask_ctx
