@@ -40,6 +40,22 @@ def test_data_synth_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "images" in report.lower()
 
 
+def test_data_synth_stuff_then_check_label_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "stuff"
+    assert main(["data", "synth", "--out", str(out), "--train", "2", "--val", "2", "--image-size", "64",
+                 "--workers", "1", "--quiet", "--stuff"]) == 0  # fmt: skip
+    assert "label maps in" in capsys.readouterr().out
+    check = ["data", "check", str(out / "annotations" / "instances_val.json"),
+             "--label-maps", str(out / "stuffthingmaps" / "val")]  # fmt: skip
+    assert main(check) == 0
+    capsys.readouterr()
+    assert main([*check, "--label-classes", "7"]) == 1  # the stuff ids 7..9 are then unknown
+    assert "unknown_label_id" in capsys.readouterr().out
+    assert main([*check, "--label-classes", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megdet: error: --label-classes") and "\n" not in err
+
+
 def test_data_check_fails_on_a_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
