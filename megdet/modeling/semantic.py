@@ -161,13 +161,10 @@ def resize_logits(logits: Tensor, stride: int, image_size: Sequence[int], out_si
 
 def masked_image_mean(features: Tensor, image_sizes: ImageSizes, stride: int) -> Tensor:
     """(B, C): each image's features averaged over the cells its unpadded area reaches."""
-    b, _, fh, fw = features.shape
-    rows = torch.arange(fh, device=features.device)
-    cols = torch.arange(fw, device=features.device)
-    hs = torch.tensor([-(-int(h) // stride) for h, _ in image_sizes], device=features.device)
-    ws = torch.tensor([-(-int(w) // stride) for _, w in image_sizes], device=features.device)
-    mask = (rows[None, :, None] < hs[:, None, None]) & (cols[None, None, :] < ws[:, None, None])
-    weights = mask.to(features.dtype)[:, None]
+    # Filled by slices rather than built from a list: no host-to-device copy (a sync on CUDA).
+    weights = features.new_zeros((features.shape[0], 1, *features.shape[-2:]))
+    for i, (h, w) in enumerate(image_sizes):
+        weights[i, :, : -(-int(h) // stride), : -(-int(w) // stride)].fill_(1.0)
     return (features * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)).clamp(min=1)
 
 
@@ -224,9 +221,9 @@ class RoIContext(nn.Module):
         if self.global_proj is None:
             return representation
         vector = self.global_proj(self._require(context, "global_features")).to(representation.dtype)
-        counts = [len(b) for b in boxes]
-        repeats = torch.as_tensor(counts, device=vector.device)
-        return representation + vector.repeat_interleave(repeats, dim=0, output_size=sum(counts))
+        # Each image's vector once per RoI, by expansion: no tensor of counts to copy to the device.
+        per_roi = torch.cat([vector[i].expand(len(b), -1) for i, b in enumerate(boxes)])
+        return representation + per_roi
 
 
 # --------------------------------------------------------------------------------------------------

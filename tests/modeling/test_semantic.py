@@ -193,6 +193,23 @@ def test_context_reaches_the_box_and_mask_heads() -> None:
     assert build_model(_cfg()).semantic_branch is None
 
 
+def test_context_adds_no_host_sync_to_a_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    import test_host_sync as hs
+
+    torch.manual_seed(0)
+    model = build_model(hs._cfg("model.mask_on=true", *CONTEXT))
+    images, sizes, targets = hs._batch()
+    for t, (h, w) in zip(targets, sizes):
+        t["sem_seg"] = torch.from_numpy(label_map_from_instances(t["masks"][:, :h, :w].numpy(), t["labels"].tolist(), (h, w)))
+    model.train()
+    model(images, sizes, targets)
+    with hs.count_syncs(monkeypatch) as counter:
+        sum(model(images, sizes, targets).values()).backward()
+    summary = f"{counter.total_syncs} syncs {dict(counter.syncs)}"
+    assert counter.syncs.pop("torchvision.nms.default") == len(images), summary
+    assert counter.total_syncs <= hs.SYNC_BUDGET, summary
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
