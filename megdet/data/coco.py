@@ -10,6 +10,7 @@ objects as soon as their reference counts are touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import warnings
@@ -186,12 +187,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_keypoints: int = len(self.keypoint_names)
         self.keypoint_flip_map: list[int] = _flip_map(self.keypoint_names)
         self.num_semantic_classes = semantic.semantic_num_classes(num_semantic_classes, len(self.coco_category_ids))
-        # Class names of the semantic labels (for the per-class IoU of the evaluation).
-        self.semantic_class_names: list[str] = (
-            semantic.class_names(self.num_semantic_classes, semantic.label_names(self.instances_json, self.categories))
-            if self.sem_seg_dir is not None
-            else ["background", *self.category_names]
-        )
 
         # Images.
         images: dict[int, dict[str, Any]] = {}
@@ -452,6 +447,16 @@ class CocoDetection(torch.utils.data.Dataset):
         if masks is None:
             masks = self._decode_masks(rec["segms"], h, w)
         return semantic.label_map_from_instances(masks, rec["labels"].tolist(), (h, w))
+
+    @functools.cached_property
+    def semantic_class_names(self) -> list[str]:
+        """A name per semantic class id (for the per-class IoU): background + the categories for labels
+        built from the instance masks; COCO-Stuff's names (:func:`megdet.data.semantic.label_names`)
+        for label maps on disk. Read when first asked for: COCO-Stuff's stuff file is large."""
+        if self.sem_seg_dir is None:
+            return ["background", *self.category_names]
+        names = semantic.label_names(self.instances_json, self.categories)
+        return semantic.class_names(self.num_semantic_classes, names)
 
     def semantic_label_map(self, index: int) -> np.ndarray:
         """The per-pixel class ids (H, W) uint8 of item ``index`` at its original size (255 = ignore):
