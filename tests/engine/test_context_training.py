@@ -127,3 +127,13 @@ def test_context_run_resumes_exactly_then_eval_tta_and_predict(
     labels = Image.open(entry["sem_seg"])
     assert labels.mode == "P" and labels.size == Image.open(image).size
     assert np.array(labels).max() < 10
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_context_trains_and_evaluates_on_cuda(tiny_cfg, amp: str) -> None:
+    # bf16 on CUDA also turns channels_last on (train.channels_last=auto); PrRoIPool runs its Triton kernels.
+    common = [*CONTEXT, "model.roi.pooler=prroi", "train.device=cuda", f"train.amp={amp}", "test.max_images=2"]
+    summary = train(tiny_cfg(*common, "train.max_iters=2", "test.eval_period=2"))
+    assert summary["iteration"] == 2 and summary["losses"]["loss_sem_seg"] > 0
+    assert 0 <= summary["eval"]["sem_seg"]["stats"]["mIoU"] <= 1
