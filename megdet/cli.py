@@ -1,4 +1,4 @@
-"""The `megdet` command line: data, train, eval, predict, demo, bench.
+"""The `megdet` command line: data, train, eval, predict, convert, demo, bench.
 
 Heavy imports (torch, torchvision) happen inside the sub-command handlers so that `megdet --help`
 answers at once.
@@ -172,6 +172,14 @@ def _cmd_eval_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_classes(weights: Sequence[str], models: Sequence) -> None:
+    # MultiViewPredictor refuses such an ensemble too, but only this level knows the files to name.
+    classes = [getattr(m, "num_classes", None) for m in models]
+    if len(set(classes)) > 1:
+        listed = ", ".join(f"{w} ({c})" for w, c in zip(weights, classes))
+        raise CliError(f"an ensemble needs models of the same categories; classes per checkpoint: {listed}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.annotations or args.results:
         return _cmd_eval_results(args)
@@ -204,11 +212,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models.append(model)
         cfg = cfg or model_cfg
     assert cfg is not None
-    # MultiViewPredictor refuses such an ensemble too, but only this level knows the files to name.
-    classes = [getattr(m, "num_classes", None) for m in models]
-    if len(set(classes)) > 1:
-        listed = ", ".join(f"{w} ({c})" for w, c in zip(args.weights, classes))
-        raise CliError(f"an ensemble needs models of the same categories; classes per checkpoint: {listed}")
+    _check_same_classes(args.weights, models)
     # Defaults apart per kind of evaluation, so that a TTA or ensemble run never overwrites the plain one.
     default_name = "eval" + ("_ensemble" if len(args.weights) > 1 else "") + ("_tta" if args.tta else "")
     out = Path(args.out) if args.out else Path(args.weights[0]).resolve().parent / default_name
@@ -230,18 +234,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from megdet.engine.distributed import resolve_device
-    from megdet.evaluation.inference import category_info, load_model_and_metadata, predict_files
+    from megdet.evaluation.inference import (
+        category_info,
+        keypoint_flip_map,
+        load_model_and_metadata,
+        predict_files,
+    )
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise CliError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    # As in eval: --config builds every model, else each its own; the first one's settings predict.
     given = load_config(args.config) if args.config else None
-    model, cfg, meta = load_model_and_metadata(args.weights, given)
-    model.to(resolve_device(cfg.train.device))
+    loaded = [load_model_and_metadata(w, given) for w in args.weights]
+    models = [model for model, _, _ in loaded]
+    _check_same_classes(args.weights, models)
+    _, cfg, meta = loaded[0]
+    device = resolve_device(cfg.train.device)
+    models = [m.to(device) for m in models]
     categories = category_info(cfg, meta)
-    entries = predict_files(model, cfg, args.images, args.out, categories, args.score_threshold)
+    flip_map = keypoint_flip_map(cfg, meta) if args.tta and cfg.model.keypoint_on else None
+    if args.tta and cfg.model.keypoint_on and cfg.test.tta.flip and flip_map is None:
+        raise CliError("--tta flips images, and the keypoint names this needs are unknown; add test.tta.flip=false")
+    entries = predict_files(
+        models if len(models) > 1 else models[0], cfg, args.images, args.out, categories, args.score_threshold,
+        tta=args.tta, keypoint_flip_map=flip_map,
+    )  # fmt: skip
     for e in entries:
         print(f"{e['image']}: {len(e['detections'])} detection(s) >= {args.score_threshold:g} -> {e['drawn']}")
     print(f"wrote {Path(args.out) / 'predictions.json'} (category names from {categories.source})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from megdet.engine.checkpoint import save_checkpoint
+    from megdet.modeling.convert.checkpoint import converted_checkpoint
+
+    classes: str | list[int] = args.classes
+    if classes not in ("auto", "all"):
+        try:
+            classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise CliError(f"--classes: expected auto, all or comma-separated class indices, got '{args.classes}'") from None
+    given = load_config(args.config, args.overrides) if args.config else None
+    overrides = () if given is not None else args.overrides
+    ckpt, report, cfg = converted_checkpoint(
+        args.source, given, overrides, classes=classes, input_format=args.input_format
+    )
+    save_checkpoint(args.out, ckpt)
+    print("\n".join(report.lines()))
+    m = cfg.model
+    heads = ["boxes"] + ["masks"] * m.mask_on + [f"{m.num_keypoints} keypoints"] * m.keypoint_on
+    print(f"model: {m.backbone} FPN, {m.num_classes} classes, {' + '.join(heads)}")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -410,14 +459,48 @@ def build_parser() -> argparse.ArgumentParser:
         "original-image pixels). Writes OUT/NAME.png with boxes, labels, scores, masks and keypoint "
         "skeletons drawn, OUT/NAME.json per image and OUT/predictions.json for all.",
     )
-    pr.add_argument("--weights", required=True, metavar="CHECKPOINT", help="checkpoint to run")
+    pr.add_argument(
+        "--weights", action="append", required=True, metavar="CHECKPOINT",
+        help="checkpoint to run (megdet, or torchvision / detectron2 weights); repeat for an ensemble",
+    )  # fmt: skip
     pr.add_argument("--config", default=None, help="YAML config (default: the checkpoint's own config)")
+    pr.add_argument("--tta", action="store_true", help="test-time augmentation (test.tta: short sides, flip, merge)")
     pr.add_argument(
         "--score-threshold", type=float, default=0.5, help="draw and write detections scoring at least this"
     )
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     pr.set_defaults(func=_cmd_predict)
+    # convert ----------------------------------------------------------------------------------
+    cv = sub.add_parser(
+        "convert",
+        help="convert torchvision or detectron2 detector weights into a megdet checkpoint",
+        description="Convert a torchvision Faster / Mask / Keypoint R-CNN R50-FPN (v1) state_dict, or a "
+        "detectron2 R50-FPN checkpoint (.pkl or .pth), into a megdet checkpoint (model, config, categories) "
+        "by explicit name mapping, and print what was converted. Without --config the config is the source "
+        "model's (its pre-processing, anchors, RoIAlign, thresholds) with the architecture read from the "
+        "tensors; with --config, class heads of another size are re-initialised for fine-tuning. A file "
+        "that does not fit is a one-line error. Weights are read from local files only.",
+        epilog=_EPILOG_OVERRIDES,
+    )
+    cv.add_argument("source", metavar="SOURCE", help="torchvision .pth / detectron2 .pkl or .pth file")
+    cv.add_argument("out", metavar="OUT", help="megdet checkpoint to write (e.g. weights/maskrcnn_r50_fpn.pt)")
+    cv.add_argument("--config", default=None, help="YAML config of the target model (default: the source's)")
+    cv.add_argument(
+        "--classes",
+        default="auto",
+        help="classes to keep: auto (the 80 COCO categories of a torchvision COCO head, else all), all, or "
+        "comma-separated 1-based class indices of the source in the order wanted",
+    )
+    cv.add_argument(
+        "--input-format",
+        choices=("RGB", "BGR"),
+        default=None,
+        help="channel order the source model reads (default: BGR for detectron2, RGB for torchvision)",
+    )
+    cv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    cv.set_defaults(func=_cmd_convert)
+
     # demo -------------------------------------------------------------------------------------
     d = sub.add_parser(
         "demo",
@@ -464,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as e:
         # Dataset and checkpoint errors are ValueErrors with a one-line message naming the file.
-        if type(e).__name__ in ("DatasetError", "CheckpointError", "ConfigError"):
+        if type(e).__name__ in ("DatasetError", "CheckpointError", "ConfigError", "WeightsError"):
             print(f"megdet: error: {e}", file=sys.stderr)
             return 2
         raise

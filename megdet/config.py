@@ -69,6 +69,7 @@ class RPNConfig:
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per P2..P6
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     head_convs: int = 1
+    round_anchors: bool = True  # cell anchor corners rounded to whole pixels (torchvision); false: detectron2
     pre_nms_top_n_train: int = 2000
     post_nms_top_n_train: int = 1000
     pre_nms_top_n_test: int = 1000
@@ -101,6 +102,7 @@ class RoIConfig:
     # Foreground RoIs per image the mask and keypoint heads train on (random subset); 0 = all of them.
     max_mask_keypoint_rois: int = 0
     sampling_ratio: int = 2  # RoIAlign only; PrRoIPool integrates exactly
+    aligned: bool = True  # RoIAlign's half-pixel offset (detectron2's ROIAlignV2); false: torchvision's
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5
     batch_size_per_image: int = 512
@@ -133,7 +135,10 @@ class ModelConfig:
     """Detector architecture."""
 
     backbone: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
-    weights: str = ""  # local path to ImageNet weights for the backbone; never downloaded
+    # Local weights file, never downloaded: ImageNet ResNet weights for the backbone (torchvision, MSRA /
+    # detectron2 .pkl) or a whole detector to start from (megdet, torchvision or detectron2; class heads
+    # of another size are re-initialised). See megdet/modeling/convert.
+    weights: str = ""
     norm: str = "BN"  # FrozenBN | BN | GN | CrossDeviceBN: backbone, FPN, heads (FrozenBN: backbone only)
     head_norm: str = ""  # the FPN's, RPN head's and RoI heads' norm ("none" too); "" = as model.norm
     bn_group_size: int = 0  # CrossDeviceBN: ranks that share statistics (MegDet's "BN size"); 0 = all
@@ -141,6 +146,7 @@ class ModelConfig:
     # (nothing shared across devices); must divide data.images_per_device. 0 = off.
     bn_group_images: int = 0
     trainable_layers: int = 5  # ResNet stages trained (0-5); frozen stages have no gradient
+    stride_in_1x1: bool = False  # bottlenecks downsample in the 1x1 conv (MSRA / detectron2 R-50), not the 3x3
     fpn_channels: int = 256
     num_classes: int = 7  # foreground categories, background excluded
     mask_on: bool = False

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from megdet.config import (
 # COCO's person skeleton, 1-based keypoint pairs as in person_keypoints_*.json; the fallback for
 # drawing when neither the checkpoint nor the dataset names one.
 from megdet.data.synthetic import SKELETON as COCO_SKELETON
+
+if TYPE_CHECKING:
+    from megdet.evaluation.tta import MultiViewPredictor
 
 _ANNOTATIONS = "annotations"
 
@@ -77,10 +80,15 @@ def load_model_and_metadata(
     """Like :func:`load_model_from_checkpoint`, also returning the checkpoint's other entries
     (``config``, ``iteration``, ``categories`` when stored, ...; not the training state)."""
     from megdet.engine.checkpoint import CheckpointError, load_checkpoint
+    from megdet.modeling.convert.checkpoint import converted_checkpoint, is_converted_source
     from megdet.modeling.detector import build_model, load_model_state
 
     path = Path(path)
-    ckpt = load_checkpoint(path)
+    if is_converted_source(path):  # torchvision / detectron2 weights: converted here, nothing re-initialised
+        ckpt, _, cfg = converted_checkpoint(path, cfg, overrides, allow_new_heads=False)
+        overrides = ()
+    else:
+        ckpt = load_checkpoint(path)
     if cfg is None:
         stored = ckpt.get("config")
         if not isinstance(stored, Mapping):
@@ -114,7 +122,8 @@ def load_model_from_checkpoint(
     """The detector stored in checkpoint ``path``, in eval mode on ``device``, and its config.
 
     The model is built from ``cfg`` when given, else from the config the checkpoint stores, with the
-    ``key.sub=value`` ``overrides`` applied. A missing, corrupt or non-matching checkpoint (a
+    ``key.sub=value`` ``overrides`` applied. torchvision and detectron2 detector files are converted
+    on the way (:mod:`megdet.modeling.convert.checkpoint`; their config is the source model's). A missing, corrupt or non-matching checkpoint (a
     parameter missing, unexpected or of another shape) raises a one-line
     :class:`~megdet.engine.checkpoint.CheckpointError` naming the file.
     """
@@ -268,6 +277,30 @@ def check_test_config(cfg: Config, tta: bool = False) -> None:
         require_choice("test.tta.box_merge", t.tta.box_merge, BOX_MERGES)
 
 
+def multiview_predictor(
+    models: Sequence[nn.Module], cfg: Config, tta: bool, keypoint_flip_map: Sequence[int] | None = None
+) -> MultiViewPredictor:
+    """The TTA / ensemble predictor of ``cfg``: the views of ``test.tta`` when ``tta``, else the single
+    test view; ``test.tta.box_merge`` at the model's NMS threshold and detections per image."""
+    from megdet.evaluation.tta import MultiViewPredictor, View, tta_views
+
+    t = cfg.test.tta
+    views = (
+        tta_views(t.min_sizes, cfg.data.max_size_test, t.flip)
+        if tta
+        else [View(cfg.data.min_size_test, cfg.data.max_size_test, False)]
+    )
+    return MultiViewPredictor(
+        models,
+        views,
+        keypoint_flip_map=keypoint_flip_map,
+        box_merge=t.box_merge,
+        iou_thresh=cfg.model.roi.nms_thresh,
+        detections_per_img=cfg.model.roi.detections_per_img,
+        size_divisibility=cfg.data.size_divisibility,
+    )
+
+
 def evaluate_model(
     model_or_models: nn.Module | Sequence[nn.Module],
     cfg: Config,
@@ -330,24 +363,8 @@ def evaluate_model(
 
     predictor = None
     if use_predictor:
-        from megdet.evaluation.tta import MultiViewPredictor, View, tta_views
-
-        t = cfg.test.tta
-        views = (
-            tta_views(t.min_sizes, cfg.data.max_size_test, t.flip)
-            if tta
-            else [View(cfg.data.min_size_test, cfg.data.max_size_test, False)]
-        )
         try:
-            predictor = MultiViewPredictor(
-                models,
-                views,
-                keypoint_flip_map=dataset.keypoint_flip_map if keypoints_on else None,
-                box_merge=t.box_merge,
-                iou_thresh=cfg.model.roi.nms_thresh,
-                detections_per_img=cfg.model.roi.detections_per_img,
-                size_divisibility=cfg.data.size_divisibility,
-            )
+            predictor = multiview_predictor(models, cfg, tta, dataset.keypoint_flip_map if keypoints_on else None)
         except ValueError as e:  # models that cannot form an ensemble: bad input, one line
             raise EvaluationError(str(e)) from None
 
@@ -468,13 +485,29 @@ def predict_image(model: nn.Module, cfg: Config, image: Tensor) -> dict[str, Ten
     return {k: v.float().cpu() for k, v in pred.items()}
 
 
+def keypoint_flip_map(cfg: Config, checkpoint: Mapping[str, Any] | None = None) -> list[int] | None:
+    """The left/right keypoint permutation flipped views need: from the keypoint names of the
+    checkpoint's categories, else COCO's when the model predicts 17 keypoints; None otherwise."""
+    from megdet.data.coco import _flip_map
+    from megdet.data.synthetic import KEYPOINT_NAMES
+
+    stored = checkpoint.get("categories") if checkpoint is not None else None
+    for c in stored if isinstance(stored, list) else []:
+        names = c.get("keypoints") if isinstance(c, Mapping) else None
+        if isinstance(names, list) and len(names) == cfg.model.num_keypoints:
+            return _flip_map([str(n) for n in names])
+    return _flip_map(KEYPOINT_NAMES) if cfg.model.num_keypoints == len(KEYPOINT_NAMES) else None
+
+
 def predict_files(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     cfg: Config,
     image_paths: Sequence[str | Path],
     out_dir: str | Path,
     categories: CategoryInfo,
     score_threshold: float = 0.5,
+    tta: bool = False,
+    keypoint_flip_map: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Predicts every image file, writes ``out_dir/NAME.png`` (drawn boxes, labels, scores, masks,
     keypoint skeletons), ``out_dir/NAME.json`` (its detections) and ``out_dir/predictions.json``
@@ -482,14 +515,23 @@ def predict_files(
     ``out_dir/NAME_sem_seg.png``, its label map (pixel = class id; a palette PNG,
     :func:`~megdet.data.semantic.save_label_map`), named in the entry as ``sem_seg``.
 
-    Every path is checked before the first prediction; two inputs with the same file name get
-    ``NAME_1``, ``NAME_2``... outputs.
+    Several models (an ensemble) or ``tta`` (the views of ``test.tta``) predict through
+    :func:`multiview_predictor`, as ``megdet eval`` does; ``keypoint_flip_map`` is needed for flipped
+    views of a keypoint model. Every path is checked before the first prediction; two inputs with the
+    same file name get ``NAME_1``, ``NAME_2``... outputs.
     """
     from megdet.data.errors import DatasetError
     from megdet.data.loader import check_data_config
+    from megdet.data.transforms import Normalize
     from megdet.evaluation.visualize import draw_predictions, predictions_to_json, save_png
 
     check_data_config(cfg)  # the test transform's sizes and normalisation
+    models = [_unwrap(m) for m in model] if isinstance(model, Sequence) else [_unwrap(model)]
+    predictor = None
+    if tta or len(models) > 1:
+        check_test_config(cfg, tta)
+        predictor = multiview_predictor([m.eval() for m in models], cfg, tta, keypoint_flip_map)
+        normalize = Normalize(cfg.data.pixel_mean, cfg.data.pixel_std)
     missing = [Path(p) for p in image_paths if not Path(p).is_file()]
     if missing:
         raise DatasetError(
@@ -501,7 +543,12 @@ def predict_files(
     everything: list[dict[str, Any]] = []
     for path in map(Path, image_paths):
         image = read_image(path)
-        pred = predict_image(model, cfg, image)
+        if predictor is None:
+            pred = predict_image(models[0], cfg, image)
+        else:
+            with torch.no_grad():
+                view = normalize(image, {})[0].to(_device_of(models[0]))
+                pred = {k: v.float().cpu() for k, v in predictor([view])[0].items()}
         name, n = path.stem, 0
         while name in used:
             n += 1

@@ -12,7 +12,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -133,6 +132,15 @@ def fold_frozen_bn(module: nn.Module) -> int:
     return count
 
 
+def move_stride_to_1x1(net: torchvision.models.ResNet, name: str = "resnet") -> None:
+    """Moves every bottleneck's stride from its 3x3 conv (``conv2``) to its first 1x1 conv (``conv1``)."""
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    if not all(isinstance(b, torchvision.models.resnet.Bottleneck) for b in blocks):
+        raise ValueError(f"model.stride_in_1x1: {name} has no bottleneck blocks (use resnet50 or deeper)")
+    for block in blocks:
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, block.conv1.stride
+
+
 class ResNetStem(nn.Module):
     """conv1 (7x7, stride 2) + norm + ReLU + 3x3 max-pool: stride 4, the part before ``layer1``."""
 
@@ -157,9 +165,11 @@ class ResNetBody(nn.Module):
         trainable_layers: how many stages, counted from ``layer4`` down to the stem, are trained
             (0-5). The others get ``requires_grad=False`` and stay in eval mode, so their norm
             statistics do not drift either.
+        stride_in_1x1: a bottleneck that downsamples does it in its first 1x1 conv (the original
+            MSRA / Caffe2 ResNet of detectron2's model zoo) instead of its 3x3 conv (torchvision's).
     """
 
-    def __init__(self, name: str, norm: str, trainable_layers: int = 5) -> None:
+    def __init__(self, name: str, norm: str, trainable_layers: int = 5, stride_in_1x1: bool = False) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"model.backbone: unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")
@@ -170,6 +180,8 @@ class ResNetBody(nn.Module):
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"model.trainable_layers: expected 0..5, got {trainable_layers}")
         net = RESNETS[name](weights=None, norm_layer=norm_layer_factory(norm))
+        if stride_in_1x1:
+            move_stride_to_1x1(net, name)
         self.name = name
         self.stem = ResNetStem(net.conv1, net.bn1)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -223,58 +235,19 @@ class ResNetFPN(nn.Module):
         return list(out.values())
 
 
-def _shorten(names: list[str], limit: int = 4) -> str:
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def load_backbone_weights(body: ResNetBody, path: str | Path, input_format: str | None = None) -> None:
+    """Loads ImageNet (or a detector's) ResNet weights from a local file into ``body``; never downloads.
 
-
-def _body_key(torchvision_key: str) -> str:
-    """Maps a torchvision ResNet state_dict key onto :class:`ResNetBody`'s (only the stem moved)."""
-    if torchvision_key.startswith(("conv1.", "bn1.")):
-        return "stem." + torchvision_key
-    return torchvision_key
-
-
-def load_backbone_weights(body: ResNetBody, path: str | Path) -> None:
-    """Loads a torchvision-style ResNet ``state_dict`` file (e.g. ImageNet weights) into ``body``.
-
-    ``fc.*`` keys are ignored (the classifier is not part of the body) and BN's
-    ``num_batches_tracked`` counters are optional. Any other missing or unexpected key, or a shape
-    mismatch, raises a one-line ValueError naming the parameters. Never downloads.
+    Any file :mod:`megdet.modeling.convert` reads: a torchvision ResNet / ResNeXt ``state_dict``,
+    detectron2's or MSRA's ``R-50.pkl`` (BGR models: the first conv's input channels are reversed for
+    megdet's RGB images; ``input_format`` overrides), or the body of a megdet / torchvision / detectron2
+    detector. Classifier weights and BN step counters are ignored; BN statistics go into whatever norm
+    the body has (FrozenBN folds them into the convs). Any tensor missing, unexpected or of another
+    shape is a one-line :class:`~megdet.modeling.convert.WeightsError` (a ValueError) naming it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights not found (model.weights must be a local file)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or non-tensor pickle: report it in one line
-        raise ValueError(f"{path}: cannot read backbone weights: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a torchvision ResNet state_dict (a mapping of names to tensors)")
-    mapped = {_body_key(k): v for k, v in state.items() if not k.startswith("fc.")}
-    own = body.state_dict()
+    from megdet.modeling.convert import load_backbone_file
 
-    def optional(k: str) -> bool:
-        return k.endswith("num_batches_tracked")
-
-    missing = [k for k in own if k not in mapped and not optional(k)]
-    unexpected = [k for k in mapped if k not in own and not optional(k)]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)} in {body.name}"
-        for k, v in mapped.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch: {_shorten(mismatched)}")
-    if missing:
-        problems.append(f"missing: {_shorten(missing)}")
-    if unexpected:
-        problems.append(f"unexpected: {_shorten(unexpected)}")
-    if problems:
-        raise ValueError(f"{path}: does not fit backbone {body.name}: {'; '.join(problems)}")
-    # strict=False only because the optional counters may be absent; everything else was checked.
-    body.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+    load_backbone_file(body, path, input_format=input_format)
 
 
 def build_backbone(
@@ -284,12 +257,14 @@ def build_backbone(
     trainable_layers: int,
     weights_path: str = "",
     fpn_norm: str | None = None,
+    stride_in_1x1: bool = False,
 ) -> ResNetFPN:
-    """Builds ResNet/ResNeXt + FPN; loads ``weights_path`` (a local torchvision ResNet file) if given.
+    """Builds ResNet/ResNeXt + FPN; loads ``weights_path`` (a local ImageNet ResNet file, see
+    :func:`load_backbone_weights`) if given.
 
     ``fpn_norm`` defaults to :func:`default_head_norm` of ``norm``.
     """
-    body = ResNetBody(name, norm, trainable_layers)
+    body = ResNetBody(name, norm, trainable_layers, stride_in_1x1=stride_in_1x1)
     if weights_path:
         load_backbone_weights(body, weights_path)
     return ResNetFPN(body, fpn_channels, default_head_norm(norm) if fpn_norm is None else fpn_norm)

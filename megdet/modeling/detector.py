@@ -236,7 +236,12 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     check_model_config(cfg)
     head_norm = check_norm(m.head_norm, "model.head_norm") if m.head_norm else default_head_norm(m.norm)
     r, roi = m.rpn, m.roi
-    pooler = {"pooler_type": roi.pooler, "sampling_ratio": roi.sampling_ratio, "norm": head_norm}
+    pooler = {
+        "pooler_type": roi.pooler,
+        "sampling_ratio": roi.sampling_ratio,
+        "aligned": roi.aligned,
+        "norm": head_norm,
+    }
     return {
         "num_classes": m.num_classes,
         "bn_group_size": m.bn_group_size or None,
@@ -249,11 +254,13 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
             "trainable_layers": m.trainable_layers,
             "weights_path": m.weights,
             "fpn_norm": head_norm,
+            "stride_in_1x1": m.stride_in_1x1,
         },
         "rpn": {
             "anchor_sizes": list(r.anchor_sizes),
             "aspect_ratios": list(r.aspect_ratios),
             "head_convs": r.head_convs,
+            "round_anchors": r.round_anchors,
             "norm": head_norm,
             "pre_nms_top_n_train": r.pre_nms_top_n_train,
             "post_nms_top_n_train": r.post_nms_top_n_train,
@@ -338,8 +345,20 @@ def set_bn_groups(model: nn.Module, group_size: int | None, local_groups: int = 
 
 
 def build_model(cfg: Config) -> GeneralizedRCNN:
-    """The detector described by ``cfg.model`` (backbone weights loaded from ``model.weights`` if set)."""
-    return build_model_from_kwargs(model_kwargs_from_config(cfg))
+    """The detector described by ``cfg.model``, started from ``model.weights`` when set: ImageNet backbone
+    weights or a whole detector (megdet, torchvision or detectron2; :mod:`megdet.modeling.convert`),
+    whose class heads are re-initialised when they have another size. What was re-initialised or left
+    unused is reported as a warning."""
+    kwargs = model_kwargs_from_config(cfg)
+    weights = kwargs["backbone"].pop("weights_path", "")
+    model = build_model_from_kwargs(kwargs)
+    if weights:
+        from megdet.modeling.convert import load_weights
+
+        report = load_weights(model, weights)
+        if report.reinitialised or report.left:
+            warnings.warn(f"model.weights={report.summary()}", stacklevel=2)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------

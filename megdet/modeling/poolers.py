@@ -92,6 +92,7 @@ class MultiLevelPooler(nn.Module):
         pooler_type: str = "roialign",
         canonical_box_size: int = 224,
         canonical_level: int = 4,
+        aligned: bool = True,
     ) -> None:
         super().__init__()
         if pooler_type not in POOLER_TYPES:
@@ -107,11 +108,14 @@ class MultiLevelPooler(nn.Module):
         self.pooler_type = pooler_type
         self.canonical_box_size = canonical_box_size
         self.canonical_level = canonical_level
+        # RoIAlign only: True shifts box coordinates by half a pixel (detectron2's ROIAlignV2); False
+        # is torchvision's MultiScaleRoIAlign (what its Faster / Mask / Keypoint R-CNN models use).
+        self.aligned = aligned
 
     def extra_repr(self) -> str:
         return (
             f"output_size={self.output_size}, scales={self.scales}, pooler_type={self.pooler_type!r}, "
-            f"sampling_ratio={self.sampling_ratio}"
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
         )
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
@@ -122,11 +126,11 @@ class MultiLevelPooler(nn.Module):
             # Box coordinates in half precision would be off by several pixels at 800+ px, so
             # pool in float32 (what torchvision's own autocast wrapper does) and cast back.
             out = torchvision.ops.roi_align(
-                feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio, True
+                feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio, self.aligned
             )
             return out.to(feature.dtype)
         return torchvision.ops.roi_align(
-            feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio, True
+            feature, rois.to(feature.dtype), self.output_size, scale, self.sampling_ratio, self.aligned
         )
 
     def levels(self, boxes: Tensor) -> Tensor:

@@ -59,9 +59,13 @@ def _check_choice(value: str, options: Sequence[str], key: str) -> str:
     return value
 
 
-def _make_pooler(pool_size: int, scales: Sequence[float], sampling_ratio: int, pooler_type: str) -> nn.Module:
+def _make_pooler(
+    pool_size: int, scales: Sequence[float], sampling_ratio: int, pooler_type: str, aligned: bool = True
+) -> nn.Module:
     _check_choice(pooler_type, POOLERS, "model.roi.pooler")
-    return MultiLevelPooler(pool_size, list(scales), sampling_ratio=sampling_ratio, pooler_type=pooler_type)
+    return MultiLevelPooler(
+        pool_size, list(scales), sampling_ratio=sampling_ratio, pooler_type=pooler_type, aligned=aligned
+    )
 
 
 def _split(x: Tensor, boxes: Sequence[Tensor]) -> list[Tensor]:
@@ -136,6 +140,7 @@ class BoxHead(nn.Module):
         pool_size: int = 7,
         pooler_type: str = "roialign",
         sampling_ratio: int = 2,
+        aligned: bool = True,
         scales: Sequence[float] = POOLER_SCALES,
         norm: str = "none",
         fg_iou_thresh: float = 0.5,
@@ -154,7 +159,7 @@ class BoxHead(nn.Module):
             raise ValueError(f"model.roi.bbox_reg_weights: expected 4 numbers, got {list(bbox_reg_weights)}")
         self.num_classes = num_classes
         self.num_levels = len(scales)
-        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
+        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type, aligned)
         if head_type == "2fc":
             self.head: nn.Module = TwoMLPHead(in_channels * pool_size**2, fc_dim)
         else:
@@ -296,6 +301,7 @@ class MaskHead(nn.Module):
         pool_size: int = 14,
         pooler_type: str = "roialign",
         sampling_ratio: int = 2,
+        aligned: bool = True,
         scales: Sequence[float] = POOLER_SCALES,
         norm: str = "none",
         context: RoIContext | None = None,
@@ -303,7 +309,7 @@ class MaskHead(nn.Module):
         super().__init__()
         self.num_levels = len(scales)
         self.context = context
-        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
+        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type, aligned)
         self.convs = MaskRCNNHeads(in_channels, [conv_dim] * num_convs, 1, norm_layer_or_none(norm))
         width = conv_dim if num_convs > 0 else in_channels
         self.predictor = MaskRCNNPredictor(width, conv_dim, num_classes + 1)
@@ -357,6 +363,7 @@ class KeypointHead(nn.Module):
         pool_size: int = 14,
         pooler_type: str = "roialign",
         sampling_ratio: int = 2,
+        aligned: bool = True,
         scales: Sequence[float] = POOLER_SCALES,
         norm: str = "none",
         loss_weight: float = 1.0,
@@ -367,7 +374,7 @@ class KeypointHead(nn.Module):
         self.num_levels = len(scales)
         self.num_keypoints = num_keypoints
         self.loss_weight = loss_weight
-        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type)
+        self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type, aligned)
         norm_layer = norm_layer_or_none(norm)
         layers: list[nn.Module] = []
         width = in_channels

@@ -83,6 +83,17 @@ class RPNHead(nn.Module):
 
 
 
+def exact_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tensor:
+    """Cell anchors (len(ratios) x len(sizes), 4) xyxy centred on 0, in torchvision's order (ratio-major),
+    of area size^2 and height / width = ratio, without torchvision's rounding to whole pixels."""
+    scales = torch.as_tensor(sizes, dtype=torch.float64)
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
+    h = ratios.sqrt()
+    ws = (scales[None, :] / h[:, None]).reshape(-1)
+    hs = (scales[None, :] * h[:, None]).reshape(-1)
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).float()
+
+
 class FixedStrideAnchorGenerator(AnchorGenerator):
     """torchvision's AnchorGenerator with each level's stride given rather than inferred.
 
@@ -93,6 +104,10 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
     Anchors are float32 (float64 for float64 features) whatever the features' dtype: in bf16 an
     anchor corner at x = 1000 would be off by up to 4 pixels. They are built on the device from a
     per-device copy of the cell anchors and kept for the last few feature-map sizes.
+
+    ``round_anchors``: torchvision rounds the cell anchors' corners to whole pixels; detectron2 keeps
+    them exact (e.g. 45.25 x 22.63 instead of 46 x 22 for size 32, ratio 0.5). Models trained with
+    one convention are evaluated with it.
     """
 
     def __init__(
@@ -101,8 +116,11 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
         aspect_ratios: tuple[tuple[float, ...], ...],
         strides: Sequence[int],
         cache_size: int = 8,
+        round_anchors: bool = True,
     ) -> None:
         super().__init__(sizes, aspect_ratios)
+        if not round_anchors:
+            self.cell_anchors = [exact_cell_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]
         if len(strides) != len(sizes):
             raise ValueError(
                 f"model.rpn.anchor_sizes: {len(sizes)} sizes but the backbone has {len(strides)} levels "
@@ -196,6 +214,7 @@ class RPN(nn.Module):
         anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         head_convs: int = 1,
+        round_anchors: bool = True,
         norm: str = "none",
         pre_nms_top_n_train: int = 2000,
         post_nms_top_n_train: int = 1000,
@@ -215,6 +234,7 @@ class RPN(nn.Module):
             sizes=tuple((int(s),) for s in anchor_sizes),
             aspect_ratios=(tuple(float(a) for a in aspect_ratios),) * len(anchor_sizes),
             strides=strides,
+            round_anchors=round_anchors,
         )
         head = RPNHead(in_channels, len(aspect_ratios), conv_depth=head_convs, norm=norm)
         self.rpn = _RPNParts(anchors, head)
