@@ -157,7 +157,7 @@ def test_load_backbone_weights_errors_name_the_parameter(tmp_path) -> None:
     path = tmp_path / "bad.pth"
     torch.save(bad, path)
     body = ResNetBody("resnet18", "BN")
-    with pytest.raises(ValueError, match=r"shape mismatch: layer2\.0\.conv1\.weight \(1, 1, 3, 3\)") as e:
+    with pytest.raises(ValueError, match=r"shape mismatch: layer2\.0\.conv1\.weight \(file \(1, 1, 3, 3\)") as e:
         load_backbone_weights(body, path)
     assert "\n" not in str(e.value)
 
@@ -171,7 +171,7 @@ def test_load_backbone_weights_errors_name_the_parameter(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not fit backbone resnet18: shape mismatch"):
         load_backbone_weights(body, path)
 
-    with pytest.raises(FileNotFoundError, match="backbone weights not found"):
+    with pytest.raises(ValueError, match="nope.pth: weights file not found"):
         load_backbone_weights(body, tmp_path / "nope.pth")
 
 
