@@ -279,23 +279,3 @@ def synthetic_batch(
         image_ids=list(range(num_images)),
         targets=targets,
     )
-
-
-def copy_weights(src: Any, dst: Any) -> int:
-    """Copies every tensor of ``src``'s state_dict into ``dst``'s, matched by position; returns the count.
-
-    For two implementations of the same detector (ours and torchvision's) whose state_dicts list the
-    same tensors in the same order under different names; a count, shape or leaf-name mismatch raises
-    RuntimeError. Equal weights make both do the same work (same proposals kept, same RoIs sampled).
-    """
-    import torch
-
-    src_state, dst_state = src.state_dict(), dst.state_dict()
-    if len(src_state) != len(dst_state):
-        raise RuntimeError(f"copy_weights: {len(src_state)} vs {len(dst_state)} tensors")
-    with torch.no_grad():
-        for (ks, vs), (kd, vd) in zip(src_state.items(), dst_state.items()):
-            if vs.shape != vd.shape or ks.rsplit(".", 1)[-1] != kd.rsplit(".", 1)[-1]:
-                raise RuntimeError(f"copy_weights: {ks} {tuple(vs.shape)} vs {kd} {tuple(vd.shape)}")
-            vd.copy_(vs)
-    return len(src_state)

@@ -25,8 +25,9 @@ loader workers. Timed:
    and keypoint head (``KeypointRCNNHeads`` + ``KeypointRCNNPredictor``, set on its ``roi_heads``,
    which then runs masks and keypoints in one model), RoIAlign poolers (also when our config says
    prroi), ``min_size`` / ``max_size`` = ``data.min_size_test`` / ``max_size_test``,
-   ``box_score_thresh=0`` and ``box_detections_per_img`` = ``--detections``. Our weights are copied
-   into it, so both detect (nearly) the same boxes. Both get the same images in the same batches of
+   ``box_score_thresh=0`` and ``box_detections_per_img`` = ``--detections``. Its weights are loaded
+   into ours by megdet's torchvision name map (and ours' calibrated classifier into it), so both
+   detect (nearly) the same boxes. Both get the same images in the same batches of
    ``test.images_per_device``: ours the data pipeline's batches (resized, normalised, padded: what
    ``evaluate_model`` feeds it; the loader is timed apart), torchvision the original images as float
    tensors (its in-model resize + normalise is counted for it). Both return original-image
@@ -69,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import copy_weights, print_table, usable_cores, write_results
+from _common import print_table, usable_cores, write_results
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -88,6 +89,7 @@ from megdet.data.synthetic import generate_synthetic_coco
 from megdet.evaluation.coco_eval import IOU_TYPES, COCOEvaluator, evaluate_coco, load_coco_gt
 from megdet.evaluation.inference import evaluate_model
 from megdet.modeling.backbone import RESNETS
+from megdet.modeling.convert import convert_state, load_converted
 from megdet.modeling.detector import GeneralizedRCNN, build_model, postprocess_detections
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,6 +357,16 @@ def time_coco_tasks(cfg: Config, results_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+def share_weights(tv: nn.Module, ours: GeneralizedRCNN, batch: Batch) -> int:
+    """Loads the twin's weights into ours by megdet's torchvision name map (megdet.modeling.convert),
+    calibrates ours' classifier on ``batch`` (:func:`calibrate_class_scores`) and gives the twin the
+    same classifier (the same torchvision module class on both sides); returns the tensors shared."""
+    report = load_converted(ours, convert_state(tv.state_dict(), "torchvision"), allow_new_heads=False)
+    calibrate_class_scores(ours, batch)
+    tv.roi_heads.box_predictor.load_state_dict(ours.roi_heads.box_head.predictor.state_dict())
+    return len(report.loaded)
+
+
 def calibrate_class_scores(model: GeneralizedRCNN, batch: Batch, seed: int = 0) -> None:
     """Gives the box classifier random weights that spread the top detections over every category.
 
@@ -417,9 +429,8 @@ def run_benchmark(
             batches, originals, load_s, category_ids = load_batches(cfg)
             torch.manual_seed(0)
             ours = build_model(cfg).eval()
-            calibrate_class_scores(ours, batches[0])
             tv = build_torchvision_twin(cfg)
-            copied = copy_weights(ours, tv)
+            copied = share_weights(tv, ours, batches[0])
             params = {"ours": sum(p.numel() for p in ours.parameters()),
                       "torchvision": sum(p.numel() for p in tv.parameters())}  # fmt: skip
             evaluator = _coco_evaluator(cfg, batches, category_ids)

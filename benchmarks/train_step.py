@@ -45,12 +45,13 @@ from typing import Any
 
 import torch
 import torchvision
-from _common import copy_weights, machine_info
+from _common import machine_info
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
 
 from megdet.config import load_config
 from megdet.layers.norm import convert_frozen_batchnorm
+from megdet.modeling.convert import convert_state, load_converted
 from megdet.modeling.detector import GeneralizedRCNN, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -375,7 +376,9 @@ def build_pair(
     """The ``impls`` of ``model`` (ours, torchvision, ours_prroi) with the same weights, on ``device``."""
     torch.manual_seed(0)
     nets = {"ours": build_ours(model), "torchvision": build_torchvision(model, height, width)}
-    copy_weights(nets["torchvision"], nets["ours"])
+    # torchvision's weights into ours by megdet's explicit torchvision name map
+    conv = convert_state(nets["torchvision"].state_dict(), "torchvision")
+    load_converted(nets["ours"], conv, allow_new_heads=False)
     if "ours_prroi" in impls:  # the poolers have no parameters: the same state_dict fits
         nets["ours_prroi"] = build_ours(model, pooler="prroi")
         nets["ours_prroi"].load_state_dict(nets["ours"].state_dict())
