@@ -17,11 +17,11 @@ import torch
 import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from megdet.config import apply_overrides
+from megdet.config import apply_overrides, load_config
 from megdet.evaluation.inference import predict_image
 from megdet.modeling.backbone import RESNETS, ResNetBody, load_backbone_weights
 from megdet.modeling.convert import WeightsError, convert_state, load_converted, read_weights, resnet_name
-from megdet.modeling.convert.checkpoint import converted_checkpoint, source_config
+from megdet.modeling.convert.checkpoint import SOURCE_SETTINGS, converted_checkpoint, source_config
 from megdet.modeling.detector import build_model
 
 H, W = 64, 128  # multiples of 64: torchvision infers P6's stride as 64 too
@@ -475,3 +475,47 @@ def test_fine_tuning_reinitialises_class_heads_and_keeps_the_rest(torchvision_de
     no_heads = apply_overrides(cfg, ["model.num_classes=4", "model.mask_on=false", "model.keypoint_on=false"])
     report = load_converted(build_model(no_heads), conv)
     assert {k.split(".")[1] for k in report.left} == {"mask_head", "keypoint_head"} and not report.initialised
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning presets
+# --------------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _check_settings(expected: dict, actual: object, where: str) -> None:
+    for key, value in expected.items():
+        got = getattr(actual, key)
+        if isinstance(value, dict):
+            _check_settings(value, got, f"{where}{key}.")
+        elif not (where == "data." and "size" in key):  # image sizes are the recipe's choice
+            assert got == pytest.approx(value), f"{where}{key}: {got} != {value}"
+
+
+@pytest.mark.parametrize("family", ["torchvision", "detectron2"])
+def test_fine_tuning_presets_describe_the_source_models(family: str) -> None:
+    cfg = load_config(CONFIGS / f"finetune_{family}_mask_r50_fpn.yaml")
+    _check_settings(SOURCE_SETTINGS[family], cfg, "")
+    if family == "torchvision":  # the real architecture: only the 91-way COCO class heads start fresh
+        with _no_init():
+            coco = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+            model = build_model(cfg)
+        report = load_converted(model, convert_state(coco.state_dict()))
+        assert len(report.reinitialised) == 6 and not (report.initialised or report.left)
+        assert len(report.loaded) == len(model.state_dict()) - 6
+
+
+def test_torchvision_coco_head_keeps_the_80_coco_categories(tmp_path: Path, torchvision_detector) -> None:
+    tv = torchvision_detector(91).state_dict()  # torchvision's COCO layout: label = COCO category id
+    path = tmp_path / "coco.pth"
+    torch.save(tv, path)
+    ckpt, report, cfg = converted_checkpoint(path)
+    ids = [c["id"] for c in ckpt["categories"]]
+    assert cfg.model.num_classes == 80 and len(ids) == 80 and ids[:12] == [*range(1, 12), 13]
+    assert [c["name"] for c in ckpt["categories"]][:3] == ["person", "bicycle", "car"]
+    rows = ckpt["model"]["roi_heads.box_head.predictor.cls_score.weight"]
+    assert torch.equal(rows, tv["roi_heads.box_predictor.cls_score.weight"][[0, *ids]])
+    assert any("classes: kept 80 of the source's 90" in line for line in report.lines())
+    ckpt, _, cfg = converted_checkpoint(path, classes="all")
+    assert cfg.model.num_classes == 90 and ckpt["categories"] == []
