@@ -127,7 +127,7 @@ def test_torchvision_detector_predicts_the_same_after_conversion(name: str, num_
         batch, _ = tv.transform([x])
         theirs = tv([x])[0]
         ours = model(batch.tensors, batch.image_sizes, original_sizes=[(H, W)])[0]
-        _assert_same(ours, theirs, atol=1e-5)
+        _assert_same(ours, theirs, atol=1e-6)
         if name.startswith("faster"):
             # The check catches one tensor in the wrong place: swap two of the same shape.
             state = model.state_dict()
@@ -135,7 +135,7 @@ def test_torchvision_detector_predicts_the_same_after_conversion(name: str, num_
             model.load_state_dict({a: state[b].clone(), b: state[a].clone()}, strict=False)
             wrong = model(batch.tensors, batch.image_sizes, original_sizes=[(H, W)])[0]
             with pytest.raises(AssertionError):
-                _assert_same(wrong, theirs, atol=1e-5)
+                _assert_same(wrong, theirs, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def load_converted(
     given = {BODY_PREFIX + k: v for k, v in conv.state.items()} if conv.backbone_only else conv.state
     report, problems = _fit(own, given, conv, allow_new_heads)
     if problems:
-        hint = _backbone_hint(given, model)
+        hint = _backbone_hint(given, model) or _norm_hint(own, given)
         raise WeightsError(f"{where}does not fit the model: {'; '.join(problems)}{hint}")
     with torch.no_grad():
         model.load_state_dict({k: given[k] for k in report.loaded}, strict=False)
@@ -177,6 +177,15 @@ def _backbone_hint(given: Mapping[str, Tensor], model: nn.Module) -> str:
     found = resnet_name(body)
     name = getattr(getattr(getattr(model, "backbone", None), "body", None), "name", None)
     return f" (the file holds a {found} backbone, model.backbone is {name})" if found and name and found != name else ""
+
+
+def _norm_hint(own: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> str:
+    """torchvision's and detectron2's FPN convs have a bias and no norm; a model with FPN norms does not
+    take them."""
+    norm, bare = "backbone.fpn.inner_blocks.0.1.weight", "backbone.fpn.inner_blocks.0.0.bias"
+    if norm in own and bare in given:
+        return " (the file's FPN and heads have no norm layers: use model.norm=FrozenBN or model.head_norm=none)"
+    return ""
 
 
 @functools.cache
