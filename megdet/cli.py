@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=None, help="YAML config for every model (default: each checkpoint's own config)"
     )
     e.add_argument(
-        "--weights", action="append", default=[], metavar="CHECKPOINT", help="checkpoint; repeat for an ensemble"
+        "--weights", action="append", default=[], metavar="CHECKPOINT",
+        help="checkpoint (megdet, or torchvision / detectron2 weights, converted on the fly); repeat for an ensemble",
     )
     e.add_argument("--tta", action="store_true", help="test-time augmentation (test.tta: short sides, flip, merge)")
     e.add_argument(

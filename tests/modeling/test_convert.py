@@ -519,3 +519,15 @@ def test_torchvision_coco_head_keeps_the_80_coco_categories(tmp_path: Path, torc
     assert any("classes: kept 80 of the source's 90" in line for line in report.lines())
     ckpt, _, cfg = converted_checkpoint(path, classes="all")
     assert cfg.model.num_classes == 90 and ckpt["categories"] == []
+
+
+def test_model_weights_takes_an_imagenet_backbone(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    cfg = load_config(None, ["model.backbone=resnet18", "model.norm=FrozenBN", f"model.weights={path}"])
+    model = build_model(cfg)
+    body = model.backbone.body.state_dict()
+    expected = convert_state(net.state_dict()).state
+    assert all(torch.equal(body[k], v) for k, v in expected.items()) and len(expected) == len(body)
+    assert not [w for w in recwarn if "model.weights" in str(w.message)]  # new FPN and heads: nothing to report

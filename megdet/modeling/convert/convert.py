@@ -103,19 +103,21 @@ def rename_state(state: Mapping[str, Tensor], source: str, where: str = "") -> t
 def _detectron2_class_layout(state: dict[str, Tensor], notes: list[str], where: str) -> None:
     """detectron2's classifier rows (background last) and background-free deltas / mask logits ->
     megdet's (background first)."""
+    if f"{CLS_SCORE}.weight" not in state:
+        return
     for suffix in ("weight", "bias"):
         key = f"{CLS_SCORE}.{suffix}"
         if key in state:
             w = state[key]
             state[key] = torch.cat([w[-1:], w[:-1]])
-    k = state[f"{CLS_SCORE}.weight"].shape[0] - 1 if f"{CLS_SCORE}.weight" in state else None
+    k = state[f"{CLS_SCORE}.weight"].shape[0] - 1
     for prefix, per_class in ((BBOX_PRED, 4), (MASK_LOGITS, 1)):
         for suffix in ("weight", "bias"):
             key = f"{prefix}.{suffix}"
             if key not in state:
                 continue
             w = state[key]
-            if k is not None and w.shape[0] != per_class * k:
+            if w.shape[0] != per_class * k:
                 raise WeightsError(
                     f"{where}{key} has {w.shape[0]} outputs for {k} classes: class-agnostic "
                     f"{'box regression' if per_class == 4 else 'masks'} do not convert"
@@ -140,8 +142,8 @@ def _msra_bn(state: dict[str, Tensor], notes: list[str]) -> None:
 
 
 def select_classes(state: dict[str, Tensor], classes: Sequence[int], where: str = "") -> None:
-    """Keeps the classifier rows of foreground classes ``classes`` (1-based, in megdet's layout, in this
-    order) and the background, in the box, mask and keypoint-free class tensors."""
+    """Keeps the background and the foreground classes ``classes`` (1-based, megdet's layout, in this
+    order) in the classifier, box-delta and mask-logit tensors."""
     k = state[f"{CLS_SCORE}.weight"].shape[0] - 1
     bad = [c for c in classes if not 1 <= c <= k]
     if bad or not classes:
