@@ -531,3 +531,15 @@ def test_model_weights_takes_an_imagenet_backbone(tmp_path: Path, recwarn: pytes
     expected = convert_state(net.state_dict()).state
     assert all(torch.equal(body[k], v) for k, v in expected.items()) and len(expected) == len(body)
     assert not [w for w in recwarn if "model.weights" in str(w.message)]  # new FPN and heads: nothing to report
+
+
+def test_fine_tuning_into_a_model_with_semantic_context(torchvision_detector) -> None:
+    conv = convert_state(torchvision_detector(5, mask=True).state_dict())
+    context = ["model.context.semantic=true", "model.context.roi_features=true", "model.context.global_context=true"]
+    cfg = apply_overrides(source_config(conv), context)
+    report = load_converted(build_model(cfg), conv)
+    assert {k.split(".")[0] for k in report.initialised} == {"semantic_branch", "roi_heads"}
+    assert all(".context." in k for k in report.initialised if k.startswith("roi_heads"))
+    assert not report.reinitialised and len(report.loaded) == len(conv.state)
+    with pytest.raises(WeightsError, match="missing: roi_heads.box_head.context.global_proj.weight"):
+        load_converted(build_model(cfg), conv, allow_new_heads=False)

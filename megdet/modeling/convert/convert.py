@@ -40,9 +40,19 @@ MASK_LOGITS = "roi_heads.mask_head.predictor.mask_fcn_logits"
 KEYPOINT_LOGITS = "roi_heads.keypoint_head.predictor.kps_score_lowres"
 # Tensors whose size follows the number of classes (or keypoints): re-initialised when fine-tuning to
 # another number; everything else must fit exactly.
-CLASS_TENSORS = tuple(f"{p}.{s}" for p in (CLS_SCORE, BBOX_PRED, MASK_LOGITS, KEYPOINT_LOGITS) for s in ("weight", "bias"))
-# Whole parts a model may have and a file may lack (or the other way round).
-HEADS = {"mask head": "roi_heads.mask_head.", "keypoint head": "roi_heads.keypoint_head."}
+SEMANTIC_LOGITS = "semantic_branch.predictor"
+CLASS_TENSORS = tuple(
+    f"{p}.{s}" for p in (CLS_SCORE, BBOX_PRED, MASK_LOGITS, KEYPOINT_LOGITS, SEMANTIC_LOGITS) for s in ("weight", "bias")
+)
+# Whole parts a model may have and a file may lack (or the other way round), first match wins: the
+# semantic branch and the context it adds to the RoI heads exist in megdet models only.
+HEADS = {
+    "semantic branch": "semantic_branch.",
+    "box head context": "roi_heads.box_head.context.",
+    "mask head context": "roi_heads.mask_head.context.",
+    "mask head": "roi_heads.mask_head.",
+    "keypoint head": "roi_heads.keypoint_head.",
+}
 FIRST_CONV = "stem.conv1.weight"
 SOURCES_BGR = ("detectron2", "detectron2-resnet", "msra-resnet")
 _BN_WEIGHT = re.compile(r"(?:.+\.)?(?:bn[1-3]|downsample\.1)\.weight")

@@ -2,8 +2,9 @@
 
 Everything the model has must come from the file, except, when fine-tuning (``allow_new_heads``):
 class-sized tensors of another size (re-initialised: the model keeps its fresh initialisation), a mask
-or keypoint head the file lacks, and everything but the ResNet body when the file is an ImageNet
-backbone. A file's mask or keypoint head that the model does not have is left unused. Anything else
+or keypoint head, semantic branch or RoI-head context the file lacks, and everything but the ResNet
+body when the file is an ImageNet backbone. Such a part of the file that the model does not have is
+left unused. Anything else
 that does not fit is a one-line WeightsError naming the tensors.
 """
 
@@ -29,6 +30,7 @@ PARTS = (
     ("box head", "roi_heads.box_head."),
     ("mask head", "roi_heads.mask_head."),
     ("keypoint head", "roi_heads.keypoint_head."),
+    ("semantic branch", "semantic_branch."),
 )
 
 
