@@ -13,7 +13,6 @@ the loaders, e.g. boxes thinner than a pixel, which real COCO 2017 contains and 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,37 +24,30 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from megdet.data.errors import DatasetError
+from megdet.data.images import read_image_size, read_rgb
+from megdet.data.validate import (
+    AREA_TOLERANCE,
+    ERROR,
+    PROBLEM_KINDS,
+    WARNING,
+    annotation_problems,
+    annotation_where,
+    category_name,
+    category_problems,
+    entries,
+    image_path_problem,
+    image_problems,
+    image_size,
+    is_number,
+    keypoint_counts,
+    read_coco_json,
+)
 
 SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO's area thresholds
 MAX_MASK_CHECKS = 2000
 MAX_IMAGE_DECODES = 200
 MAX_EXAMPLES = 5
-AREA_TOLERANCE = 0.01  # relative
-KEYPOINT_BOX_TOLERANCE = 1.0  # pixels
-
-ERROR, WARNING = "error", "warning"
-# kind -> (severity, what it means); the order is the order of the report.
-PROBLEM_KINDS: dict[str, tuple[str, str]] = {
-    "missing_field": (ERROR, "entries missing a required field"),
-    "bad_value": (ERROR, "fields with a value of the wrong type or shape"),
-    "duplicate_id": (ERROR, "ids used more than once"),
-    "unknown_image_id": (ERROR, "annotations whose image_id is not in images"),
-    "unknown_category_id": (ERROR, "annotations whose category_id is not in categories"),
-    "bad_segmentation": (ERROR, "segmentations that cannot be decoded or do not match the image size"),
-    "area_mismatch": (ERROR, f"non-crowd masks whose area differs from 'area' by more than {AREA_TOLERANCE:.0%}"),
-    "bad_keypoints": (ERROR, "keypoints that are not K (x, y, v) triplets with v in {0, 1, 2}"),
-    "missing_image_file": (ERROR, "images whose file is not in the images folder"),
-    "undecodable_image": (ERROR, "image files that cannot be decoded"),
-    "image_size_mismatch": (ERROR, "image files whose size differs from the height/width in the JSON"),
-    "missing_label_map": (ERROR, "images without a label map in the label-map folder"),
-    "bad_label_map": (ERROR, "label maps that cannot be decoded, have several channels or another size than their image"),
-    "unknown_label_id": (ERROR, "label maps with pixel values that are no known class id (nor 255 = ignore)"),
-    "missing_optional_field": (WARNING, "annotations without 'iscrowd' or 'segmentation'"),
-    "degenerate_box": (WARNING, "boxes narrower or shorter than 1 pixel (the loaders drop them)"),
-    "box_outside_image": (WARNING, "boxes reaching more than 1 pixel outside their image"),
-    "keypoint_outside_box": (WARNING, "labelled keypoints (v>0) more than 1 pixel outside their box"),
-    "num_keypoints_mismatch": (WARNING, "num_keypoints differs from the number of keypoints with v>0"),
-}
+__all__ = ["ERROR", "PROBLEM_KINDS", "WARNING", "CheckReport", "Problem", "check_coco", "format_report"]
 
 
 @dataclass
@@ -120,61 +112,6 @@ class CheckReport:
             p.examples.append(example)
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found; check the path") from None
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the annotation file ({e.strerror}); check its permissions") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; regenerate or re-download the file"
-        ) from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: invalid JSON (not UTF-8 text); regenerate or re-download the file") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise DatasetError(f"{path}: missing required top-level key '{key}' (a COCO file needs images, annotations, categories)")
-        if not isinstance(data[key], list):
-            raise DatasetError(f"{path}: top-level key '{key}' must be a list, got {type(data[key]).__name__}")
-    return data
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _entries(report: CheckReport, items: list[Any], what: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The entries that are objects with every required field and an integer id (others reported)."""
-    good = []
-    seen: set[int] = set()
-    for i, it in enumerate(items):
-        if not isinstance(it, dict):
-            report.add("bad_value", f"{what} #{i} is a {type(it).__name__}, not an object")
-            continue
-        missing = [f for f in required if f not in it]
-        if missing:
-            report.add("missing_field", f"{what} #{i} has no {', '.join(repr(m) for m in missing)}")
-            continue
-        if not _is_int(it["id"]):
-            report.add("bad_value", f"{what} #{i}: id {it['id']!r} is not an integer")
-            continue
-        if it["id"] in seen:
-            report.add("duplicate_id", f"{what} id {it['id']} appears more than once")
-            continue
-        seen.add(it["id"])
-        good.append(it)
-    return good
-
-
 def _polygon_area(seg: list[list[float]]) -> float:
     total = 0.0
     for poly in seg:
@@ -184,95 +121,106 @@ def _polygon_area(seg: list[list[float]]) -> float:
     return total
 
 
-def _check_mask(report: CheckReport, ann: dict[str, Any], img: dict[str, Any], where: str) -> None:
-    """Decodes the segmentation (pycocotools) and compares its area with the annotation's ``area``."""
-    seg, h, w = ann["segmentation"], int(img["height"]), int(img["width"])
+def _check_mask(report: CheckReport, ann: dict[str, Any], size: tuple[int, int], where: str) -> None:
+    """Decodes the (validated) segmentation with pycocotools and compares its area with ``area``."""
+    seg, (h, w) = ann["segmentation"], size
     area = float(ann["area"])
-    try:
-        if isinstance(seg, list):
-            if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
-                raise ValueError("polygons must be lists of at least 3 (x, y) points")
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-            if list(seg["size"]) != [h, w]:
-                report.add("bad_segmentation", f"{where}: mask size {seg['size']} but the image is {[h, w]}")
-                return
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
-        else:
-            raise ValueError("neither a polygon list nor an RLE with 'counts' and 'size'")
-        decoded = float(mask_utils.area(rle))
-    except (ValueError, TypeError, KeyError) as e:
-        report.add("bad_segmentation", f"{where}: {e}")
-        return
+    if isinstance(seg, list):
+        polygons = [p for p in seg if len(p) >= 6]
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
+    else:
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+    report.masks_checked += 1
+    decoded = float(mask_utils.area(rle))
     tol = max(AREA_TOLERANCE * area, 1.0)
     if abs(decoded - area) <= tol:
         return
     # COCO's polygon areas are the polygons' exact (shoelace) areas, not rasterised pixel counts,
     # which differ a lot for small objects; accept either.
-    if isinstance(seg, list) and abs(_polygon_area(seg) - area) <= tol:
+    if isinstance(seg, list) and abs(_polygon_area(polygons) - area) <= tol:
         return
     report.add("area_mismatch", f"{where}: area {area:g} but the mask has {decoded:g} pixels")
 
 
-def _check_keypoints(
-    report: CheckReport, ann: dict[str, Any], num_kp: int | None, box: list[float] | None, where: str
-) -> None:
-    kps = ann["keypoints"]
-    if not isinstance(kps, list) or len(kps) % 3 or (num_kp and len(kps) != 3 * num_kp) or not all(map(_is_num, kps)):
-        n = len(kps) if isinstance(kps, list) else type(kps).__name__
-        report.add("bad_keypoints", f"{where}: {n} keypoint values, expected {3 * num_kp if num_kp else '3*K'} numbers")
-        return
+def _keypoint_statistics(report: CheckReport, kps: list[float]) -> None:
     report.num_keypoint_annotations += 1
-    labelled = 0
-    for j in range(0, len(kps), 3):
-        x, y, v = kps[j : j + 3]
-        if v not in (0, 1, 2):
-            report.add("bad_keypoints", f"{where}: keypoint {j // 3} has visibility {v}")
-            continue
+    for v in kps[2::3]:
         report.keypoint_visibility[int(v)] += 1
-        if v == 0:
-            continue
-        labelled += 1
-        if box is not None:
-            bx, by, bw, bh = box
-            t = KEYPOINT_BOX_TOLERANCE
-            if not (bx - t <= x <= bx + bw + t and by - t <= y <= by + bh + t):
-                report.add("keypoint_outside_box", f"{where}: keypoint {j // 3} at ({x:g}, {y:g}) outside box {box}")
-    if "num_keypoints" in ann and ann["num_keypoints"] != labelled:
-        report.add("num_keypoints_mismatch", f"{where}: num_keypoints {ann['num_keypoints']} but {labelled} have v>0")
 
 
 def _check_images(report: CheckReport, images: list[dict[str, Any]], images_dir: Path) -> None:
-    """Existence of every file; a decode (and size check) of an evenly spread sample."""
+    """Existence and the header's size of every file; a full decode of an evenly spread sample."""
     if not images_dir.is_dir():
         raise DatasetError(f"{images_dir}: images folder not found; check the path or leave it out")
     listing = {e.name for e in os.scandir(images_dir)}  # one directory read instead of 100k stats
     present = []
     for img in images:
-        name = str(img["file_name"])
+        name = img["file_name"]
         report.image_files_checked += 1
         if name in listing or ("/" in name and (images_dir / name).is_file()):
             present.append(img)
         else:
             report.add("missing_image_file", f"image id {img['id']}: {images_dir / name} not found")
-    step = max(1, math.ceil(len(present) / MAX_IMAGE_DECODES))
-    for img in present[::step]:
-        path = images_dir / str(img["file_name"])
+    readable = []
+    for img in present:  # the header only (a few tens of microseconds a file)
+        path = images_dir / img["file_name"]
+        try:
+            h, w = read_image_size(path)
+        except DatasetError as e:
+            report.add("undecodable_image", f"image id {img['id']}: {e}")
+            continue
+        readable.append(img)
+        if (h, w) != image_size(img):
+            report.add(
+                "image_size_mismatch",
+                f"image id {img['id']}: {path} is {w}x{h} but the JSON says {img['width']}x{img['height']}",
+            )
+    step = max(1, math.ceil(len(readable) / MAX_IMAGE_DECODES))
+    for img in readable[::step]:
+        path = images_dir / img["file_name"]
         report.image_files_decoded += 1
         try:
             with Image.open(path) as im:
-                size = im.size
                 im.verify()  # checksums and structure
-            with Image.open(path) as im:
-                im.load()  # the pixel data itself, which verify() does not decode
+            read_rgb(path)  # the pixel data itself, which verify() does not decode
+        except DatasetError as e:
+            report.add("undecodable_image", f"image id {img['id']}: {e}")
         except Exception as e:  # PIL raises many unrelated exception types for broken files
             report.add("undecodable_image", f"image id {img['id']}: {path}: {type(e).__name__}: {e}")
-            continue
-        if _is_int(img["width"]) and _is_int(img["height"]) and size != (img["width"], img["height"]):
-            report.add(
-                "image_size_mismatch",
-                f"image id {img['id']}: {path} is {size[0]}x{size[1]} but the JSON says {img['width']}x{img['height']}",
-            )
+
+
+def _check_categories(report: CheckReport, items: list[Any]) -> list[dict[str, Any]]:
+    cats, issues = entries(items, "category", ("id",))
+    for kind, detail in issues:
+        report.add(kind, detail)
+    for c in cats:
+        for kind, detail in category_problems(c):
+            report.add(kind, f"category id {c['id']}: {detail}")
+    report.num_categories = len(cats)
+    report.annotations_per_category = {category_name(c): 0 for c in cats}
+    return cats
+
+
+def _check_image_entries(
+    report: CheckReport, items: list[Any], allow_outside: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The image entries with a valid id, and those of them whose files can be looked at (valid name and
+    size, inside the folder)."""
+    images, issues = entries(items, "image", ("id", "file_name", "height", "width"))
+    for kind, detail in issues:
+        report.add(kind, detail)
+    usable = []
+    for img in images:
+        problems = list(image_problems(img))
+        for kind, detail in problems:
+            report.add(kind, f"image id {img['id']}: {detail}")
+        outside = None if allow_outside or problems else image_path_problem(img["file_name"])
+        if outside:
+            report.add("image_outside_folder", f"image id {img['id']}: {outside}")
+        if not problems and not outside:
+            usable.append(img)
+    report.num_images = len(items)
+    return images, usable
 
 
 def check_coco(
@@ -280,101 +228,81 @@ def check_coco(
     images_dir: str | Path | None = None,
     label_maps_dir: str | Path | None = None,
     num_label_classes: int | None = None,
+    *,
+    allow_outside_images: bool = False,
 ) -> CheckReport:
     """Validates a COCO-format annotation file (and, with ``images_dir``, its image files; with
     ``label_maps_dir``, the semantic label maps of its images: :func:`megdet.data.semantic.check_label_maps`,
     ids known when below ``num_label_classes``, or by default COCO-Stuff's category id - 1 of the
     file's categories and of the ``stuff_*.json`` next to it).
 
-    Mask areas are checked on at most ``MAX_MASK_CHECKS`` non-crowd annotations (an evenly spread
-    sample on big files; ``report.masks_checked`` says how many) and images are decoded for at most
-    ``MAX_IMAGE_DECODES`` files; existence is checked for every image. Raises :class:`DatasetError`
-    when the file cannot be read as COCO at all.
+    Every annotation goes through the validator the loaders use (``megdet/data/validate.py``). Mask areas
+    are checked on at most ``MAX_MASK_CHECKS`` non-crowd annotations (an evenly spread sample on big
+    files; ``report.masks_checked`` says how many); every image file's header is read (existence, size,
+    decompression bombs) and at most ``MAX_IMAGE_DECODES`` files are decoded. An image ``file_name``
+    outside ``images_dir`` is an error unless ``allow_outside_images``. Raises :class:`DatasetError` when
+    the file cannot be read as COCO at all.
     """
     path = Path(annotation_json)
-    data = _load(path)
+    data = read_coco_json(path)
     report = CheckReport(path=str(path), images_dir=str(images_dir) if images_dir is not None else None)
-
-    cats = _entries(report, data["categories"], "category", ("id", "name"))
+    cats = _check_categories(report, data["categories"])
     cat_by_id = {c["id"]: c for c in cats}
-    report.num_categories = len(cats)
-    report.annotations_per_category = {str(c["name"]): 0 for c in cats}
-    num_kp_of = {c["id"]: len(c["keypoints"]) for c in cats if isinstance(c.get("keypoints"), list)}
-
-    images = _entries(report, data["images"], "image", ("id", "file_name", "height", "width"))
-    for img in images:
-        if not (_is_int(img["height"]) and _is_int(img["width"]) and img["height"] > 0 and img["width"] > 0):
-            report.add("bad_value", f"image id {img['id']}: height/width {img['height']!r}/{img['width']!r} are not positive integers")
+    keypoints_of = keypoint_counts(cats)
+    images, usable = _check_image_entries(report, data["images"], allow_outside_images)
     img_by_id = {im["id"]: im for im in images}
-    report.num_images = len(data["images"])
 
-    anns = _entries(report, data["annotations"], "annotation", ("id", "image_id", "category_id", "bbox", "area"))
+    anns, issues = entries(data["annotations"], "annotation", ("id",))
+    for kind, detail in issues:
+        report.add(kind, detail)
     report.num_annotations = len(data["annotations"])
     annotated: set[Any] = set()
-    mask_candidates: list[tuple[dict[str, Any], dict[str, Any], str]] = []
-    for ann in anns:
-        where = f"annotation id {ann['id']} (image {ann['image_id']})"
-        img = img_by_id.get(ann["image_id"])
-        if img is None:
-            report.add("unknown_image_id", f"{where}: image_id {ann['image_id']!r} is not in images")
-        else:
+    mask_candidates: list[tuple[dict[str, Any], tuple[int, int], str]] = []
+    for index, ann in enumerate(anns):
+        where = annotation_where(ann, index)
+        problems = list(annotation_problems(ann, img_by_id, keypoints_of))
+        for kind, detail in problems:
+            report.add(kind, f"{where}: {detail}")
+        kinds = {k for k, _ in problems}
+        if "missing_field" in kinds:
+            continue
+        img = img_by_id.get(ann["image_id"]) if "unknown_image_id" not in kinds else None
+        if img is not None:
             annotated.add(ann["image_id"])
-        cat = cat_by_id.get(ann["category_id"])
-        if cat is None:
-            report.add("unknown_category_id", f"{where}: category_id {ann['category_id']!r} is not in categories")
-        else:
-            report.annotations_per_category[str(cat["name"])] += 1
-        missing = [f for f in ("iscrowd", "segmentation") if f not in ann]
-        if missing:
-            report.add("missing_optional_field", f"{where}: no {', '.join(repr(m) for m in missing)}")
-        crowd = bool(ann.get("iscrowd", 0))
+        if "unknown_category_id" not in kinds:
+            report.annotations_per_category[category_name(cat_by_id[ann["category_id"]])] += 1
+        crowd = ann.get("iscrowd", 0) == 1
         report.num_crowd += crowd
-
-        area = ann["area"]
-        if not _is_num(area) or area < 0:
-            report.add("bad_value", f"{where}: area {area!r} is not a non-negative number")
-            area = None
-        elif not crowd:
+        area = ann.get("area")
+        area_ok = is_number(area) and area >= 0
+        if area_ok and not crowd:
             report.size_counts["small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"] += 1
-
-        box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_num, box))):
-            report.add("bad_value", f"{where}: bbox {box!r} is not [x, y, width, height]")
-            box = None
-        else:
-            if box[2] < 1 or box[3] < 1:
-                report.add("degenerate_box", f"{where}: bbox {box} is {box[2]:g} x {box[3]:g} pixels")
-            if img is not None and _is_num(img["width"]) and _is_num(img["height"]) and (
-                box[0] < -1 or box[1] < -1 or box[0] + box[2] > img["width"] + 1 or box[1] + box[3] > img["height"] + 1
-            ):
-                report.add("box_outside_image", f"{where}: bbox {box} outside the {img['width']}x{img['height']} image")
-
-        if "keypoints" in ann:
-            _check_keypoints(report, ann, num_kp_of.get(ann["category_id"]), box, where)
-        if not crowd and area is not None and img is not None and "segmentation" in ann:
-            seg = ann["segmentation"]
-            if seg not in ([], None):  # box-only datasets leave the segmentation empty
-                mask_candidates.append((ann, img, where))
+        if "keypoints" in ann and "bad_keypoints" not in kinds:
+            _keypoint_statistics(report, ann["keypoints"])
+        size = image_size(img)
+        seg = ann.get("segmentation")
+        # Box-only datasets leave the segmentation empty; polygons of fewer than 3 points enclose nothing.
+        if "bad_segmentation" in kinds or crowd or not area_ok or size is None:
+            continue
+        if isinstance(seg, dict) or (isinstance(seg, list) and any(len(p) >= 6 for p in seg)):
+            mask_candidates.append((ann, size, where))
 
     report.masks_total = len(mask_candidates)
     if len(mask_candidates) > MAX_MASK_CHECKS:
         pick = np.linspace(0, len(mask_candidates) - 1, MAX_MASK_CHECKS).round().astype(int)
         mask_candidates = [mask_candidates[i] for i in pick]
-    for ann, img, where in mask_candidates:
-        if _is_int(img["height"]) and _is_int(img["width"]):
-            _check_mask(report, ann, img, where)
-            report.masks_checked += 1
+    for ann, size, where in mask_candidates:
+        _check_mask(report, ann, size, where)
 
     report.images_without_annotations = sum(1 for im in images if im["id"] not in annotated)
     if images_dir is not None:
-        _check_images(report, images, Path(images_dir))
+        _check_images(report, usable, Path(images_dir))
     if label_maps_dir is not None:
         from megdet.data.semantic import check_label_maps, label_names
 
         report.label_maps_dir = str(label_maps_dir)
         known = set(range(num_label_classes)) if num_label_classes else set(label_names(path, cats))
-        valid = [im for im in images if _is_int(im["height"]) and _is_int(im["width"])]
-        check_label_maps(report, valid, label_maps_dir, known, MAX_IMAGE_DECODES)
+        check_label_maps(report, usable, label_maps_dir, known, MAX_IMAGE_DECODES)
     report.problems = {k: report.problems[k] for k in PROBLEM_KINDS if k in report.problems}
     return report
 

@@ -11,7 +11,6 @@ objects as soon as their reference counts are touched.
 from __future__ import annotations
 
 import functools
-import json
 import pickle
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -19,61 +18,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
-import PIL.Image
 import pycocotools.mask as mask_utils
 import torch
 from torchvision import tv_tensors
 
 from megdet.data import semantic
 from megdet.data.errors import DatasetError
+from megdet.data.images import read_image_size, read_rgb
+from megdet.data.validate import (
+    annotation_problems,
+    annotation_where,
+    category_name,
+    category_problems,
+    entries,
+    image_path,
+    image_problems,
+    is_int,
+    keypoint_counts,
+    raise_first_error,
+    read_coco_json,
+)
 
 Target = dict[str, Any]
 Transform = Callable[[tv_tensors.Image, Target], tuple[Any, Target]]
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DatasetError(f"{path}: {what} file not found; check the data root and split names")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}; regenerate or re-download the file"
-        ) from None
-    except UnicodeDecodeError:
-        raise DatasetError(
-            f"{path}: invalid JSON (not UTF-8 text); regenerate or re-download the file"
-        ) from None
-    if not isinstance(data, dict):
-        raise DatasetError(
-            f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}"
-        )
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise DatasetError(
-                f"{path}: missing required field '{key}' (a COCO file needs images, annotations, categories)"
-            )
-        if not isinstance(data[key], list):
-            raise DatasetError(f"{path}: field '{key}' must be a list, got {type(data[key]).__name__}")
-    return data
+    return read_coco_json(path, what, hint="check the data root and split names")
 
 
-def _require(path: Path, obj: Any, where: str, fields: Sequence[str]) -> None:
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{path}: {where} must be a JSON object, got {type(obj).__name__}")
-    for f in fields:
-        if f not in obj:
-            raise DatasetError(f"{path}: {where} is missing required field '{f}'")
-
-
-def _ann_where(ann: dict[str, Any], index: int) -> str:
-    return (
-        f"annotation #{index} (id {ann['id']})"
-        if isinstance(ann, dict) and "id" in ann
-        else f"annotation #{index}"
-    )
+def _valid_entries(path: Path, items: list[Any], what: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The entries of ``items``; a one-line DatasetError for the first without a required field, with an id
+    that is not an integer, or with a duplicate id."""
+    good, issues = entries(items, what, required)
+    for _, detail in issues:
+        raise DatasetError(f"{path}: {detail}")
+    return good
 
 
 def _flip_map(names: Sequence[str]) -> list[int]:
@@ -106,7 +86,11 @@ class CocoDetection(torch.utils.data.Dataset):
             targets: read from ``sem_seg_dir`` (:mod:`megdet.data.semantic`), or built from the instance
             masks when it is None (0 background, the contiguous labels on their instances' pixels).
         num_semantic_classes: the label maps' classes (ids 0..n-1); 0 = background + the categories.
+        allow_outside_images: read image files whose ``file_name`` is absolute or leaves ``image_dir``
+            with ``..`` (refused by default: the JSON, not the user, would choose what is read).
 
+    Every category, image and annotation goes through ``megdet/data/validate.py`` (what ``megdet data
+    check`` reports); the first error is a one-line :class:`DatasetError` naming the file and the entry.
     Crowd annotations (``iscrowd=1``) never enter targets; annotations whose box is narrower or
     shorter than one pixel are dropped with one warning per file.
     """
@@ -124,8 +108,10 @@ class CocoDetection(torch.utils.data.Dataset):
         with_sem_seg: bool = False,
         sem_seg_dir: str | Path | None = None,
         num_semantic_classes: int = 0,
+        allow_outside_images: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
+        self.allow_outside_images = allow_outside_images
         self.instances_json = Path(instances_json)
         self.keypoints_json = Path(keypoints_json) if keypoints_json is not None else None
         self.train = train
@@ -143,61 +129,9 @@ class CocoDetection(torch.utils.data.Dataset):
             if self.keypoints_json is not None
             else None
         )
-
-        # Categories: from the instances file; label i + 1 <-> coco id [i] (0 is background).
-        cats: dict[int, dict[str, Any]] = {}
-        for i, c in enumerate(inst["categories"]):
-            _require(self.instances_json, c, f"category #{i}", ("id", "name"))
-            cats[int(c["id"])] = c
-        self.coco_category_ids: list[int] = sorted(cats)
-        self.category_names: list[str] = [str(cats[c]["name"]) for c in self.coco_category_ids]
-        self._label_of = {cid: i + 1 for i, cid in enumerate(self.coco_category_ids)}
-
-        # Keypoint names: from the categories that define them (the person category in COCO).
-        kp_cats = [(self.instances_json, c) for c in inst["categories"] if c.get("keypoints")]
-        if kp is not None:
-            for i, c in enumerate(kp["categories"]):
-                _require(self.keypoints_json, c, f"category #{i}", ("id", "name"))
-                if int(c["id"]) not in cats:
-                    raise DatasetError(
-                        f"{self.keypoints_json}: category id {c['id']} ({c['name']}) is not in {self.instances_json}; "
-                        "use the keypoints file of the same split"
-                    )
-                if c.get("keypoints"):
-                    kp_cats.append((self.keypoints_json, c))
-        # The categories as the files list them, the keypoint file's keypoints/skeleton merged in:
-        # checkpoints store this so that predictions can be named and drawn without the dataset.
-        merged = {cid: dict(c) for cid, c in cats.items()}
-        for _, c in kp_cats:
-            merged[int(c["id"])].update({k: c[k] for k in ("keypoints", "skeleton") if k in c})
-        self.categories: list[dict[str, Any]] = [merged[cid] for cid in self.coco_category_ids]
-        self.keypoint_names: list[str] = []
-        if kp_cats:
-            self.keypoint_names = [str(n) for n in kp_cats[-1][1]["keypoints"]]
-            for src, c in kp_cats:
-                if [str(n) for n in c["keypoints"]] != self.keypoint_names:
-                    raise DatasetError(
-                        f"{src}: category {c['id']} defines different keypoint names than the others"
-                    )
-        if with_keypoints and not self.keypoint_names:
-            src = self.keypoints_json or self.instances_json
-            raise DatasetError(
-                f"{src}: with_keypoints=True but no category defines 'keypoints'; pass a person_keypoints file"
-            )
-        self.num_keypoints: int = len(self.keypoint_names)
-        self.keypoint_flip_map: list[int] = _flip_map(self.keypoint_names)
+        self._read_categories(inst, kp)
         self.num_semantic_classes = semantic.semantic_num_classes(num_semantic_classes, len(self.coco_category_ids))
-
-        # Images.
-        images: dict[int, dict[str, Any]] = {}
-        for i, im in enumerate(inst["images"]):
-            _require(self.instances_json, im, f"image #{i}", ("id", "file_name", "width", "height"))
-            if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height")):
-                raise DatasetError(
-                    f"{self.instances_json}: image #{i} (id {im['id']}) has width/height "
-                    f"{im['width']!r}/{im['height']!r}; expected positive integers"
-                )
-            images[int(im["id"])] = im
+        images = self._read_images(inst)
 
         # Annotations per image (crowd and degenerate ones left out), keypoints joined by id.
         anns_by_id: dict[Any, dict[str, Any]] = {}
@@ -229,6 +163,12 @@ class CocoDetection(torch.utils.data.Dataset):
             blobs.append(
                 pickle.dumps(self._record(str(im["file_name"]), h, w, anns), pickle.HIGHEST_PROTOCOL)
             )
+        if train and not ids:
+            crowd = sum(1 for a in inst["annotations"] if a.get("iscrowd", 0))
+            raise DatasetError(
+                f"{self.instances_json}: no image has an annotation to train on ({len(images)} image(s), "
+                f"{len(inst['annotations'])} annotation(s), {crowd} of them crowd regions, which are never trained on)"
+            )
         self.image_ids: list[int] = ids
         self._sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
@@ -238,23 +178,72 @@ class CocoDetection(torch.utils.data.Dataset):
     # Construction helpers
     # ---------------------------------------------------------------------------------------------
 
-    def _check_ann(self, path: Path, ann: Any, index: int, images: dict[int, Any]) -> None:
-        where = _ann_where(ann, index)
-        _require(path, ann, where, ("image_id", "category_id", "bbox"))
-        for key in ("image_id", "category_id"):
-            if not isinstance(ann[key], int):
-                raise DatasetError(f"{path}: {where} has {key} {ann[key]!r}; expected an integer")
-        if ann["category_id"] not in self._label_of:
+    def _read_categories(self, inst: dict[str, Any], kp: dict[str, Any] | None) -> None:
+        """Categories from the instances file (label i + 1 <-> coco id [i]; 0 is background), keypoint names
+        from the categories that define them (the person category in COCO), in either file."""
+        valid = _valid_entries(self.instances_json, inst["categories"], "category", ("id",))
+        sources = [(self.instances_json, c) for c in valid]
+        if kp is not None:
+            sources += [(self.keypoints_json, c) for c in _valid_entries(self.keypoints_json, kp["categories"], "category", ("id",))]
+        for src, c in sources:
+            raise_first_error(src, f"category id {c['id']}", category_problems(c))
+        cats = {c["id"]: c for c in valid}
+        self.coco_category_ids: list[int] = sorted(cats)
+        self.category_names: list[str] = [category_name(cats[c]) for c in self.coco_category_ids]
+        self._label_of = {cid: i + 1 for i, cid in enumerate(self.coco_category_ids)}
+
+        kp_cats = [(src, c) for src, c in sources if c.get("keypoints")]
+        for src, c in sources:
+            if src == self.keypoints_json and c["id"] not in cats:
+                raise DatasetError(
+                    f"{src}: category id {c['id']} ({category_name(c)}) is not in {self.instances_json}; "
+                    "use the keypoints file of the same split"
+                )
+        # The categories as the files list them, the keypoint file's keypoints/skeleton merged in:
+        # checkpoints store this so that predictions can be named and drawn without the dataset.
+        merged = {cid: dict(c) for cid, c in cats.items()}
+        for _, c in kp_cats:
+            merged[c["id"]].update({k: c[k] for k in ("keypoints", "skeleton") if k in c})
+        self.categories: list[dict[str, Any]] = [merged[cid] for cid in self.coco_category_ids]
+        self._keypoints_of = keypoint_counts(self.categories)
+        self.keypoint_names: list[str] = []
+        if kp_cats:
+            self.keypoint_names = list(kp_cats[-1][1]["keypoints"])
+            for src, c in kp_cats:
+                if list(c["keypoints"]) != self.keypoint_names:
+                    raise DatasetError(
+                        f"{src}: category {c['id']} defines different keypoint names than the others"
+                    )
+        if self.with_keypoints and not self.keypoint_names:
+            src = self.keypoints_json or self.instances_json
             raise DatasetError(
-                f"{path}: {where} has unknown category_id {ann['category_id']}; known ids: {self.coco_category_ids}"
+                f"{src}: with_keypoints=True but no category defines 'keypoints'; pass a person_keypoints file"
             )
-        if ann["image_id"] not in images:
-            raise DatasetError(
-                f"{path}: {where} has unknown image_id {ann['image_id']}; it is not in 'images'"
-            )
-        bbox = ann["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            raise DatasetError(f"{path}: {where} has bbox {bbox!r}; expected [x, y, width, height]")
+        self.num_keypoints: int = len(self.keypoint_names)
+        self.keypoint_flip_map: list[int] = _flip_map(self.keypoint_names)
+
+    def _read_images(self, inst: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Image id -> entry: ids unique integers, sizes valid, every file inside the image folder (unless
+        ``allow_outside_images``)."""
+        images: dict[int, dict[str, Any]] = {}
+        for im in _valid_entries(self.instances_json, inst["images"], "image", ("id", "file_name", "width", "height")):
+            raise_first_error(self.instances_json, f"image id {im['id']}", image_problems(im))
+            image_path(self.image_dir, im["file_name"], allow_outside=self.allow_outside_images,
+                       source=f"{self.instances_json}: image id {im['id']}")  # fmt: skip
+            images[im["id"]] = im
+        return images
+
+
+    def _check_ann(self, path: Path, ann: Any, index: int, images: dict[int, Any], seen: set[int]) -> None:
+        """A one-line DatasetError for the annotation's first error (what `megdet data check` reports)."""
+        where = annotation_where(ann, index)
+        raise_first_error(path, where, annotation_problems(ann, images, self._keypoints_of))
+        if "id" in ann:
+            if not is_int(ann["id"]):
+                raise DatasetError(f"{path}: {where}: id is not an integer")
+            if ann["id"] in seen:
+                raise DatasetError(f"{path}: {where}: the id appears more than once in this file")
+            seen.add(ann["id"])
 
     def _add_annotations(
         self,
@@ -263,10 +252,13 @@ class CocoDetection(torch.utils.data.Dataset):
         images: dict[int, Any],
         anns_by_id: dict[Any, dict[str, Any]],
         per_image: dict[int, list[dict[str, Any]]],
+        validated: bool = False,
     ) -> int:
         dropped = 0
+        seen: set[int] = set()
         for index, ann in enumerate(anns):
-            self._check_ann(path, ann, index, images)
+            if not validated:
+                self._check_ann(path, ann, index, images, seen)
             if "id" in ann:
                 anns_by_id[ann["id"]] = ann
             if ann.get("iscrowd", 0):
@@ -279,7 +271,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             if self._keep_segms and "segmentation" not in ann:
                 raise DatasetError(
-                    f"{path}: {_ann_where(ann, index)} has no 'segmentation'; masks were requested (set with_masks=False?)"
+                    f"{path}: {annotation_where(ann, index)} has no 'segmentation'; masks were requested (set with_masks=False?)"
                 )
             per_image.setdefault(int(ann["image_id"]), []).append(ann)
         return dropped
@@ -294,8 +286,9 @@ class CocoDetection(torch.utils.data.Dataset):
         assert self.keypoints_json is not None
         path = self.keypoints_json
         new = []
+        seen: set[int] = set()
         for index, ann in enumerate(anns):
-            self._check_ann(path, ann, index, images)
+            self._check_ann(path, ann, index, images, seen)
             if "keypoints" not in ann:
                 continue
             base = anns_by_id.get(ann["id"]) if "id" in ann else None
@@ -304,11 +297,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             if int(base["image_id"]) != int(ann["image_id"]):
                 raise DatasetError(
-                    f"{path}: {_ann_where(ann, index)} has image_id {ann['image_id']} but {base['image_id']} in "
+                    f"{path}: {annotation_where(ann, index)} has image_id {ann['image_id']} but {base['image_id']} in "
                     f"{self.instances_json}; use the keypoints file of the same split"
                 )
             base["keypoints"] = ann["keypoints"]
-        return self._add_annotations(path, new, images, {}, per_image)
+        return self._add_annotations(path, new, images, {}, per_image, validated=True)
 
     def _record(self, file_name: str, h: int, w: int, anns: list[dict[str, Any]]) -> dict[str, Any]:
         """The compact per-image record packed into the byte buffer."""
@@ -318,7 +311,8 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         labels = np.asarray([self._label_of[int(a["category_id"])] for a in anns], dtype=np.int64)
-        rec: dict[str, Any] = {"file_name": file_name, "boxes": boxes, "labels": labels}
+        ann_ids = np.asarray([a.get("id", -1) for a in anns], dtype=np.int64)
+        rec: dict[str, Any] = {"file_name": file_name, "boxes": boxes, "labels": labels, "ann_ids": ann_ids}
         if self._keep_segms:
             rec["segms"] = [self._compact_segm(a, h, w) for a in anns]
         if self.with_keypoints:
@@ -337,23 +331,15 @@ class CocoDetection(torch.utils.data.Dataset):
         return rec
 
     def _compact_segm(self, ann: dict[str, Any], h: int, w: int) -> Any:
+        """A validated segmentation as the record stores it: polygons as float64 arrays (those of at
+        least 3 points: frPyObjects reads a 4-number polygon as a box), RLEs compressed."""
         segm = ann["segmentation"]
         if isinstance(segm, list):
-            # frPyObjects reads a 4-number polygon as a box, and fewer than 3 points enclose nothing.
-            return [np.asarray(p, dtype=np.float64) for p in segm if isinstance(p, list) and len(p) >= 6]
-        if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-            if [int(s) for s in segm["size"]] != [h, w]:
-                raise DatasetError(
-                    f"{self.instances_json}: annotation id {ann.get('id')} has an RLE of size {segm['size']} "
-                    f"but its image is {h}x{w}"
-                )
-            if isinstance(segm["counts"], list):  # uncompressed RLE -> compressed, once
-                return mask_utils.frPyObjects(segm, h, w)
-            counts = segm["counts"]
-            return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        raise DatasetError(
-            f"{self.instances_json}: annotation id {ann.get('id')} has a segmentation that is neither polygons nor RLE"
-        )
+            return [np.asarray(p, dtype=np.float64) for p in segm if len(p) >= 6]
+        if isinstance(segm["counts"], list):  # uncompressed RLE -> compressed, once
+            return mask_utils.frPyObjects(segm, h, w)
+        counts = segm["counts"]
+        return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
     # ---------------------------------------------------------------------------------------------
     # Public API
@@ -368,7 +354,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def image_path(self, index: int) -> Path:
         """Path of the image file of item ``index``."""
-        return self.image_dir / self._get_record(index)["file_name"]
+        return image_path(self.image_dir, self._get_record(index)["file_name"], allow_outside=True)
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(height, width) of item ``index`` as recorded in the annotation file."""
@@ -379,12 +365,18 @@ class CocoDetection(torch.utils.data.Dataset):
         """Width / height of every item, from the annotation file (no image is decoded)."""
         return (self._sizes[:, 1] / self._sizes[:, 0]).tolist()
 
+    def annotation_ids(self, index: int) -> list[int]:
+        """The annotation ids of item ``index``'s target rows, in order (-1 where an annotation has none)."""
+        return self._get_record(index)["ann_ids"].tolist()
+
     def verify_images(self, indices: Iterable[int] | None = None) -> None:
-        """Raises :class:`DatasetError` naming the first image file that does not exist (and how many are
-        missing), among the items ``indices`` (all when None). One ``stat`` per image: a run checks
-        before it starts rather than failing when the loader reaches the file."""
+        """Raises :class:`DatasetError` naming the first image file, among the items ``indices`` (all when
+        None), that does not exist (and how many are missing), cannot be read, is a decompression bomb or
+        whose size differs from the JSON's. Reads each file's header only (tens of microseconds): a run
+        checks before it starts rather than failing when the loader reaches the file."""
         checked = list(range(len(self)) if indices is None else indices)
-        missing = [p for p in (self.image_path(i) for i in checked) if not p.is_file()]
+        paths = [self.image_path(i) for i in checked]
+        missing = [p for p in paths if not p.is_file()]
         if missing:
             raise DatasetError(
                 f"{missing[0]}: image file not found ({len(missing)} of {len(checked)} images listed in "
@@ -398,30 +390,24 @@ class CocoDetection(torch.utils.data.Dataset):
                     f"{missing[0]}: label map not found ({len(missing)} of {len(checked)} images have none in "
                     f"{self.sem_seg_dir}; data.sem_seg_dir holds one PNG per image, named as the image)"
                 )
+        for i, path in zip(checked, paths):
+            self._check_size(path, read_image_size(path), self.image_size(i))
+
+    def _check_size(self, path: Path, actual: tuple[int, int], expected: tuple[int, int]) -> None:
+        if tuple(actual) != tuple(expected):
+            raise DatasetError(
+                f"{path}: image is {actual[0]}x{actual[1]} (HxW) but {self.instances_json} says "
+                f"{expected[0]}x{expected[1]}; fix the JSON or the file"
+            )
 
     def _load_image(self, path: Path, h: int, w: int) -> tv_tensors.Image:
         if not path.is_file():
             raise DatasetError(f"{path}: image file not found (listed in {self.instances_json})")
         # Pillow rather than torchvision.io: the latter's decoders are deprecated since 0.29.
-        try:
-            with PIL.Image.open(path) as pil:
-                array = np.array(pil.convert("RGB"))  # a writable copy for torch
-        except PIL.UnidentifiedImageError:
-            raise DatasetError(
-                f"{path}: cannot decode image (not a format Pillow reads); replace or remove the file"
-            ) from None
-        except (OSError, ValueError, SyntaxError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatasetError(
-                f"{path}: cannot decode image ({reason}); replace or remove the file"
-            ) from None
+        array = read_rgb(path)
+        self._check_size(path, array.shape[:2], (h, w))
         # (3, H, W) view of the HWC array (channels-last memory): torch resizes uint8 faster in this layout.
-        image = torch.from_numpy(array).permute(2, 0, 1)
-        if tuple(image.shape[-2:]) != (h, w):
-            raise DatasetError(
-                f"{path}: image is {image.shape[-2]}x{image.shape[-1]} (HxW) but {self.instances_json} says {h}x{w}"
-            )
-        return tv_tensors.Image(image)
+        return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
 
     def _decode_masks(self, segms: list[Any], h: int, w: int) -> np.ndarray:
         rles = []
@@ -467,7 +453,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Target]:
         rec = self._get_record(index)
         h, w = self.image_size(index)
-        image = self._load_image(self.image_dir / rec["file_name"], h, w)
+        image = self._load_image(image_path(self.image_dir, rec["file_name"], allow_outside=True), h, w)
         target: Target = {
             "image_id": self.image_ids[index],
             "boxes": tv_tensors.BoundingBoxes(

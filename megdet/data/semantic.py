@@ -20,6 +20,7 @@ import PIL
 import PIL.Image
 
 from megdet.data.errors import DatasetError
+from megdet.data.validate import category_name
 
 IGNORE_LABEL = 255
 # Pillow modes whose pixel values are the stored integers (P: palette indices, as written by
@@ -63,7 +64,7 @@ def read_label_map(path: str | Path, size: tuple[int, int], num_classes: int) ->
             array = np.array(pil)  # a writable copy for torch
     except PIL.UnidentifiedImageError:
         raise DatasetError(f"{path}: cannot decode label map (not a PNG Pillow reads)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DatasetError(f"{path}: cannot decode label map ({reason})") from None
     bad = check_label_values(array, num_classes)
@@ -104,7 +105,7 @@ def _categories_of(path: Path) -> list[dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as f:
             cats = json.load(f).get("categories", [])
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise DatasetError(f"{path}: cannot read its categories ({type(e).__name__}); fix or remove the file") from None
     return [c for c in cats if isinstance(c, dict) and isinstance(c.get("id"), int) and "name" in c]
 
@@ -116,7 +117,7 @@ def label_names(instances_json: str | Path, categories: Sequence[Mapping[str, An
     stuff = stuff_json_for(instances_json)
     if stuff.is_file():
         cats += _categories_of(stuff)
-    return {int(c["id"]) - 1: str(c["name"]) for c in cats if 1 <= int(c["id"]) <= IGNORE_LABEL}
+    return {int(c["id"]) - 1: category_name(c) for c in cats if 1 <= int(c["id"]) <= IGNORE_LABEL}
 
 
 def class_names(num_classes: int, names: Mapping[int, str]) -> list[str]:

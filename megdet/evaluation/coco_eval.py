@@ -36,6 +36,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from megdet.data.validate import category_name
+
 IOU_TYPES = ("bbox", "segm", "keypoints")
 STAT_NAMES: dict[str, list[str]] = {
     "bbox": ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"],
@@ -158,19 +160,24 @@ def predictions_to_coco_results(
 
 
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise EvaluationError(f"{path}: {what} file not found")
+    from megdet.data.errors import DatasetError
+    from megdet.data.validate import read_json
+
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvaluationError(
-            f"{path}: {what} file is not valid JSON ({e.__class__.__name__}: {e})"
-        ) from None
+        return read_json(path, what)
+    except DatasetError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def load_coco_gt(gt: COCO | str | Path, quiet: bool = True) -> COCO:
-    """A pycocotools ``COCO`` for a ground-truth annotation file (returned unchanged when already one)."""
+    """A pycocotools ``COCO`` for a ground-truth annotation file (returned unchanged when already one).
+
+    The file is validated as the training data is (``megdet/data/validate.py``: every geometry finite
+    and safe for pycocotools' C code, ids unique; ids may be integers or strings, as pycocotools allows);
+    the first error is a one-line :class:`EvaluationError`. What pycocotools accepts but ``COCOeval``
+    needs is filled in: a missing ``iscrowd`` is 0, a missing ``area`` the mask's area (the box's
+    without a segmentation).
+    """
     if isinstance(gt, COCO):
         return gt
     path = Path(gt)
@@ -184,12 +191,66 @@ def load_coco_gt(gt: COCO | str | Path, quiet: bool = True) -> COCO:
             raise EvaluationError(
                 f"{path}: ground truth has no '{key}' list; is this a COCO annotation file?"
             )
+    _validate_gt(path, data)
     coco = COCO()
     coco.dataset = data
     with _maybe_quiet(quiet):
         coco.createIndex()
     coco.source_path = str(path)  # for error messages
     return coco
+
+
+def _validate_gt(path: Path, data: dict[str, Any]) -> None:
+    """One-line EvaluationErrors for the first error of a ground-truth file; fills in iscrowd and area."""
+    from megdet.data.validate import (
+        annotation_problems,
+        annotation_where,
+        category_problems,
+        entries,
+        image_problems,
+        is_error,
+        is_id,
+        keypoint_counts,
+    )
+
+    def first_error(where: str, issues: Any) -> None:
+        for kind, detail in issues:
+            if is_error(kind):
+                raise EvaluationError(f"{path}: {where}{detail}")
+
+    cats, issues = entries(data["categories"], "category", ("id",), id_ok=is_id)
+    first_error("", issues)
+    for c in cats:
+        first_error(f"category id {c['id']}: ", category_problems(c))
+    images, issues = entries(data["images"], "image", ("id",), id_ok=is_id)
+    first_error("", issues)
+    for img in images:
+        if "height" in img or "width" in img:  # pycocotools needs them for segm only
+            first_error(f"image id {img['id']}: ", image_problems(img, need_file=False))
+    anns, issues = entries(data["annotations"], "annotation", ("id",), id_ok=is_id)
+    first_error("", issues)
+    img_by_id = {im["id"]: im for im in images}
+    keypoints_of = keypoint_counts(cats)
+    for index, ann in enumerate(anns):
+        first_error(f"{annotation_where(ann, index)}: ", annotation_problems(ann, img_by_id, keypoints_of))
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = _area(ann, img_by_id[ann["image_id"]])
+
+
+def _area(ann: dict[str, Any], img: dict[str, Any]) -> float:
+    """COCO's ``area`` of a (validated) annotation: its mask's pixels, or its box's area without a mask."""
+    seg = ann.get("segmentation")
+    if seg and "height" in img and "width" in img:
+        h, w = img["height"], img["width"]
+        if isinstance(seg, list):
+            polygons = [p for p in seg if len(p) >= 6]
+            rle = mask_util.merge(mask_util.frPyObjects(polygons, h, w)) if polygons else None
+        else:
+            rle = mask_util.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        if rle is not None:
+            return float(mask_util.area(rle))
+    return float(ann["bbox"][2] * ann["bbox"][3])
 
 
 def _gt_name(coco: COCO) -> str:
@@ -210,10 +271,42 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _check_gt_for_task(gt: COCO, iou_type: str, kp_cats: Mapping[Any, int]) -> None:
+    """What ``COCOeval`` reads from the ground truth for ``iou_type`` beyond what every task needs."""
+    if iou_type == "segm":
+        for img in gt.dataset["images"]:
+            if "height" not in img or "width" not in img:
+                raise EvaluationError(
+                    f"{_gt_name(gt)}: image id {img['id']!r} has no height/width; segm evaluation needs both"
+                )
+        for ann in gt.dataset["annotations"]:
+            if not ann.get("segmentation"):
+                raise EvaluationError(
+                    f"{_gt_name(gt)}: annotation id {ann['id']!r} has no segmentation; segm evaluation needs "
+                    "a mask for every ground-truth annotation (evaluate bbox instead)"
+                )
+    elif iou_type == "keypoints":
+        for ann in gt.dataset["annotations"]:
+            if ann["category_id"] in kp_cats and "keypoints" not in ann:
+                raise EvaluationError(
+                    f"{_gt_name(gt)}: annotation id {ann['id']!r} of keypoint category {ann['category_id']!r} "
+                    "has no keypoints; keypoint evaluation needs them"
+                )
+
+
+def _known(key: Any, mapping: Mapping[Any, Any]) -> bool:
+    try:
+        return key in mapping
+    except TypeError:  # unhashable: a list or an object
+        return False
+
+
 def _validate_results(
     results: Any, coco_gt: COCO, iou_type: str, source: str, kp_cats: dict[int, int]
 ) -> None:
     """Checks what ``loadRes`` and ``COCOeval`` assume, so that a mistake is one readable line."""
+    from megdet.data.validate import rle_problem
+
     if not isinstance(results, list):
         raise EvaluationError(
             f"{source}: COCO results must be a JSON list of objects, got {type(results).__name__}"
@@ -228,12 +321,12 @@ def _validate_results(
         for key in ("image_id", "category_id", "score", field):
             if key not in r:
                 raise EvaluationError(f"{source}: result {i} has no field '{key}'; {need}")
-        if r["image_id"] not in images:
+        if not _known(r["image_id"], images):
             raise EvaluationError(
                 f"{source}: result {i} field 'image_id' = {r['image_id']!r} is not an image of {_gt_name(coco_gt)}"
             )
-        if r["category_id"] not in cats:
-            known = sorted(cats)
+        if not _known(r["category_id"], cats):
+            known = sorted(cats, key=str)
             shown = ", ".join(map(str, known[:20])) + (", ..." if len(known) > 20 else "")
             raise EvaluationError(
                 f"{source}: result {i} field 'category_id' = {r['category_id']!r} is not a category of "
@@ -259,10 +352,11 @@ def _validate_results(
                     f"{{'size': [h, w], 'counts': str}} (pycocotools.mask.encode)"
                 )
             img = images[r["image_id"]]
-            if list(value["size"]) != [img["height"], img["width"]]:
+            problem = rle_problem(value, (img["height"], img["width"]), compressed_only=True)
+            if problem is not None:
                 raise EvaluationError(
-                    f"{source}: result {i} field 'segmentation' has size {list(value['size'])} but image "
-                    f"{r['image_id']} is {[img['height'], img['width']]} (h, w); masks must be in original-image pixels"
+                    f"{source}: result {i} field 'segmentation': {problem}; masks must be compressed RLEs "
+                    "(pycocotools.mask.encode) in original-image pixels"
                 )
         elif iou_type == "keypoints":
             if r["category_id"] not in kp_cats:
@@ -314,6 +408,7 @@ def evaluate_coco(
         raise EvaluationError(
             f"{_gt_name(gt)}: no category declares 'keypoints'; keypoint evaluation needs a person_keypoints file"
         )
+    _check_gt_for_task(gt, iou_type, kp_cats)
     _validate_results(results, gt, iou_type, source, kp_cats)
 
     with _maybe_quiet(quiet):
@@ -350,7 +445,7 @@ def evaluate_coco(
     for k, cat_id in enumerate(evaluator.params.catIds):
         p = precision[:, :, k, 0, -1]
         valid = p[p > -1]
-        per_category[gt.cats[cat_id]["name"]] = float(valid.mean()) if valid.size else -1.0
+        per_category[category_name(gt.cats[cat_id])] = float(valid.mean()) if valid.size else -1.0
     return {"stats": stats, "per_category_ap": per_category}
 
 

@@ -45,6 +45,7 @@ from megdet.config import (
 # COCO's person skeleton, 1-based keypoint pairs as in person_keypoints_*.json; the fallback for
 # drawing when neither the checkpoint nor the dataset names one.
 from megdet.data.synthetic import SKELETON as COCO_SKELETON
+from megdet.data.validate import category_name
 
 if TYPE_CHECKING:
     from megdet.evaluation.tta import MultiViewPredictor
@@ -188,7 +189,7 @@ def category_info(cfg: Config, checkpoint: Mapping[str, Any] | None = None) -> C
     for source, cats in candidates:
         try:
             ordered = sorted(cats, key=lambda c: int(c["id"]))
-            names = [str(c["name"]) for c in ordered]
+            names = [category_name(c) for c in ordered]
         except (KeyError, TypeError, ValueError):
             continue
         if len(names) == k:  # categories of another dataset would mislabel everything
@@ -445,23 +446,11 @@ def evaluate_model(
 
 
 def read_image(path: str | Path) -> Tensor:
-    """An image file as a uint8 (3, H, W) RGB tensor; a missing or undecodable file is a one-line DatasetError."""
-    import PIL.Image
+    """An image file as a uint8 (3, H, W) RGB tensor (any Pillow mode, 16-bit scaled to 8); a missing or
+    undecodable file is a one-line DatasetError."""
+    from megdet.data.images import read_rgb
 
-    from megdet.data.errors import DatasetError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: image file not found")
-    try:
-        with PIL.Image.open(path) as pil:
-            array = np.array(pil.convert("RGB"))
-    except PIL.UnidentifiedImageError:
-        raise DatasetError(f"{path}: cannot decode image (not a format Pillow reads)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DatasetError(f"{path}: cannot decode image ({reason})") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(read_rgb(path)).permute(2, 0, 1).contiguous()
 
 
 def predict_image(model: nn.Module, cfg: Config, image: Tensor) -> dict[str, Tensor]:

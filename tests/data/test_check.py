@@ -116,7 +116,8 @@ BROKEN = [
     ("area_mismatch", True, _set(("annotations", 0, "area"), 120)),
     ("area_mismatch", True, _set(("annotations", 4, "area"), 260.0)),  # polygon
     ("bad_segmentation", True, _set(("annotations", 0, "segmentation"), {"size": [10, 10], "counts": "PP"})),
-    ("bad_segmentation", True, _set(("annotations", 4, "segmentation"), [[1.0, 2.0]])),
+    ("short_polygon", False, _set(("annotations", 4, "segmentation"), [[1.0, 2.0]])),
+    ("bad_segmentation", True, _set(("annotations", 4, "segmentation"), [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])),
     ("bad_keypoints", True, _set(("annotations", 3, "keypoints"), [1, 2, 2])),
     ("bad_keypoints", True, _set(("annotations", 3, "keypoints"), [15, 8, 2, 18, 9, 3, 0, 0, 0])),
     ("keypoint_outside_box", False, _set(("annotations", 3, "keypoints"), [55, 8, 2, 18, 9, 1, 0, 0, 0])),
