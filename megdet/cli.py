@@ -30,8 +30,14 @@ class CliError(RuntimeError):
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from megdet.data.synthetic import generate_synthetic_coco
+    from megdet.data.synthetic import STUFF_MAPS_DIR, generate_synthetic_coco
 
+    out = Path(args.out)
+    existing = [out / n for n in ("annotations", "train", "val", STUFF_MAPS_DIR) if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise CliError(
+            f"{existing[0]} already exists: {out} holds a dataset; pass --overwrite to replace it, or choose another --out"
+        )
     stats = generate_synthetic_coco(
         args.out,
         num_train=args.train,
@@ -43,9 +49,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         stuff=args.stuff,
     )
     from megdet.data.check import check_coco, format_report
-    from megdet.data.synthetic import STUFF_MAPS_DIR
 
-    out = Path(args.out)
     for split in ("train", "val"):
         ann = out / "annotations" / f"instances_{split}.json"
         if ann.is_file() and stats.get(split, {}).get("images", 1):
@@ -60,7 +64,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     if args.label_classes is not None and not 1 <= args.label_classes <= 255:
         raise CliError(f"--label-classes: expected 1..255, got {args.label_classes}")
-    report = check_coco(args.annotations, args.images, args.label_maps, args.label_classes)
+    report = check_coco(
+        args.annotations, args.images, args.label_maps, args.label_classes, allow_outside_images=args.allow_outside_images
+    )
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -367,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stuff backgrounds (ground, wall, sky) with COCO-Stuff style label maps in DIR/stuffthingmaps/{train,val}",
     )
+    s.add_argument(
+        "--overwrite", "--force", action="store_true", help="replace the dataset already in --out (refused without)"
+    )
     s.set_defaults(func=_cmd_data_synth)
     c = dsub.add_parser(
         "check",
@@ -389,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="with --label-maps: ids 0..K-1 are classes (default: COCO-Stuff's category id - 1 of the "
         "categories of ANNOTATIONS and of the stuff_*.json next to it)",
+    )
+    c.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="accept file names that are absolute or leave the image folder with '..' (an error without)",
     )
     c.set_defaults(func=_cmd_data_check)
 

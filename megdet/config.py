@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -53,8 +54,53 @@ _YamlLoader.yaml_implicit_resolvers = {
 _YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+# Config values are a few hundred numbers and names. Both limits are far above any real config and far
+# below what hurts: a YAML alias bomb ("billion laughs") is a few lines that expand to billions of values.
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_NUMBER = 1e15  # |int| and |float| (1e308 iterations or epochs overflow the schedule arithmetic)
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass: plain data only)
+
+
+def _check_plain(data: Any, where: str) -> None:
+    """ConfigError unless ``data`` (just loaded from YAML) is plain nested data of a sane size: string keys,
+    at most ``MAX_CONFIG_VALUES`` values with aliases expanded (which also stops self-referencing ones)."""
+    seen = 0
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        node, key = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where}: more than {MAX_CONFIG_VALUES} values once YAML aliases (*name) are expanded; "
+                "a config needs a few hundred (an alias bomb?)"
+            )
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    under = f" under '{key}'" if key else ""
+                    raise ConfigError(f"{where}: key {k!r}{under} is not a string; config keys are names such as 'model'")
+                stack.append((v, f"{key}.{k}" if key else k))
+        elif isinstance(node, list):
+            stack.extend((v, f"{key}[{i}]") for i, v in enumerate(node))
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    """YAML text -> plain data; every way it can fail is a one-line ConfigError naming ``where``."""
+    try:
+        data = _yaml_load(text)
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to read; a config nests a few levels") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
+    _check_plain(data, where)
+    return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +243,9 @@ class DataConfig:
     # as the image with .png (COCO-Stuff's stuffthingmaps layout: pixel = class id, 255 = ignore);
     # empty: built from the instance masks (background 0, thing labels 1..num_classes).
     sem_seg_dir: str = ""
+    # Read image files whose JSON file_name is absolute or leaves the split's image folder with '..'
+    # (refused by default: the annotation file, not the user, would choose which files are read).
+    allow_outside_images: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -295,6 +344,21 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _sane(value: int | float, key: str) -> Any:
+    """``value`` when finite and within +-MAX_CONFIG_NUMBER, else a ConfigError naming ``key``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': expected a finite number, got {value}")
+    if abs(value) > MAX_CONFIG_NUMBER:
+        shown = f"{value:.3g}" if isinstance(value, float) else f"~1e{int(math.log10(abs(value)))}"
+        raise ConfigError(f"config key '{key}': {shown} is out of range (at most {MAX_CONFIG_NUMBER:g} in magnitude)")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` and converts what converts without loss."""
     origin = typing.get_origin(tp)
@@ -307,7 +371,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_brief(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, tuple):
@@ -315,36 +379,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             value = [value] if not isinstance(value, (dict, str)) or item_tp is str else value
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {_brief(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected true or false, got {_brief(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _sane(value, key)
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+            return int(_sane(value, key))
+        raise ConfigError(f"config key '{key}': expected an integer, got {_brief(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return float(_sane(value, key))
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                return _sane(float(value), key)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected a number, got {_brief(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected a string, got {_brief(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {_brief(value)}")
         return _build(tp, value, prefix=f"{key}.")
     raise ConfigError(f"config key '{key}': unsupported type {tp!r}")  # pragma: no cover
 
@@ -377,11 +441,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = _yaml_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the config as UTF-8"
+        ) from None
+    data = _load_yaml_text(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -399,9 +468,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = _yaml_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = _load_yaml_text(raw, f"override '{key}'") if raw.strip() else ""
+    except ConfigError as e:
+        if "invalid YAML" not in str(e):
+            raise
+        value = raw  # not YAML: the plain string
     return key.split("."), value
 
 

@@ -219,10 +219,31 @@ def _build_dataset(cfg: Config, split: str, train: bool, normalize: bool = True)
         with_sem_seg=semantic,
         sem_seg_dir=Path(cfg.data.root) / cfg.data.sem_seg_dir / split if semantic and cfg.data.sem_seg_dir else None,
         num_semantic_classes=cfg.model.context.num_semantic_classes,
+        allow_outside_images=cfg.data.allow_outside_images,
     )
+    check_dataset_fits_model(dataset, cfg)
     flip_map = dataset.keypoint_flip_map if cfg.model.keypoint_on else None
     dataset.transforms = build_transforms(cfg.data, train=train, flip_map=flip_map, normalize=normalize)
     return dataset
+
+
+def check_dataset_fits_model(dataset: CocoDetection, cfg: Config) -> None:
+    """ConfigError when the model's outputs and the dataset disagree: label i is the i-th category by
+    sorted id, so the dataset must have exactly ``model.num_classes`` categories (with more, labels index
+    past the classifier; with fewer, predictions of the extra classes name no category), and with
+    keypoints on, exactly ``model.num_keypoints`` keypoint names."""
+    n = len(dataset.coco_category_ids)
+    if n != cfg.model.num_classes:
+        raise ConfigError(
+            f"{dataset.instances_json}: {n} categories but model.num_classes={cfg.model.num_classes}; "
+            f"set model.num_classes={n} (one output per category)"
+        )
+    if cfg.model.keypoint_on and dataset.num_keypoints != cfg.model.num_keypoints:
+        src = dataset.keypoints_json or dataset.instances_json
+        raise ConfigError(
+            f"{src}: {dataset.num_keypoints} keypoints per instance but model.num_keypoints="
+            f"{cfg.model.num_keypoints}; set model.num_keypoints={dataset.num_keypoints}"
+        )
 
 
 def build_train_dataset(cfg: Config, raw_images: bool = False) -> CocoDetection:

@@ -540,3 +540,44 @@ def _labelled(kps: Any) -> int | None:
     if not (isinstance(kps, list) and len(kps) % 3 == 0 and _all_finite_numbers(kps)):
         return None
     return sum(1 for v in kps[2::3] if v > 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# After the fact: the data behind a non-finite loss
+# --------------------------------------------------------------------------------------------------
+
+
+def _bad_rows(target: Mapping[str, Any]) -> Iterator[tuple[int, str]]:
+    """(row, what) of a training target's instances with non-finite or empty geometry."""
+    boxes = target.get("boxes")
+    if boxes is not None and len(boxes):
+        b = np.asarray(boxes.detach().cpu().double() if hasattr(boxes, "detach") else boxes, dtype=np.float64)
+        for j in np.flatnonzero(~np.isfinite(b).all(axis=1)):
+            yield int(j), f"box {b[j].tolist()} is not finite"
+        for j in np.flatnonzero((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])):
+            yield int(j), f"box {b[j].tolist()} is empty after resizing"
+    kps = target.get("keypoints")
+    if kps is not None and len(kps):
+        k = np.asarray(kps.detach().cpu().double() if hasattr(kps, "detach") else kps, dtype=np.float64)
+        for j in np.flatnonzero(~np.isfinite(k.reshape(len(k), -1)).all(axis=1)):
+            yield int(j), "keypoints are not finite"
+
+
+def describe_batch_data(batches: Sequence[Any], dataset: Any) -> str:
+    """What a non-finite loss can blame on the data of ``batches`` (``Batch`` es of ``dataset``, a
+    ``CocoDetection``): the first image, file and annotation id whose target geometry is not finite or
+    empty, or, when every target is sound, which images the batch held."""
+    ids: list[int] = []
+    for batch in batches:
+        images = batch.images
+        for i, (image_id, target) in enumerate(zip(batch.image_ids, batch.targets)):
+            ids.append(int(image_id))
+            index = dataset.image_ids.index(image_id)
+            found = next(_bad_rows(target), None)
+            if found is None and images.is_floating_point() and not bool(images[i].isfinite().all()):
+                found = (-1, "its pixels are not finite")
+            if found is not None:
+                row, what = found
+                ann = f" annotation id {dataset.annotation_ids(index)[row]}" if row >= 0 else ""
+                return f"data: image id {image_id} ({dataset.image_path(index)}){ann}: {what}"
+    return f"the batch's images (ids {ids}) have finite, non-empty targets"

@@ -759,10 +759,12 @@ def _run(
                 summed = all_reduce_sum([local[k] for k in loss_keys] + [1.0 if stop.signum else 0.0])
                 values = {k: v / world for k, v in zip(loss_keys, summed)}
                 if not all(math.isfinite(v) for v in values.values()):
+                    from megdet.data.validate import describe_batch_data
+
                     good = f"last good checkpoint: {last_path}" if last_path else "no checkpoint was written"
                     raise NonFiniteLossError(
                         f"non-finite loss at iteration {iteration + 1}: {_format_losses(values)};"
-                        f" lr={lr:.6g};"
+                        f" {describe_batch_data(batches, dataset)}; lr={lr:.6g};"
                         f" stopped without saving ({good}); lower solver.base_lr, lengthen the warmup or"
                         " set train.grad_clip"
                     )

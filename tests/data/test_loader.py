@@ -25,6 +25,7 @@ def _cfg(tiny, workers: int = 0) -> Config:
     cfg.data.max_size_test = 64
     cfg.model.mask_on = True
     cfg.model.keypoint_on = True
+    cfg.model.num_classes = 3  # person, car, dog
     cfg.train.seed = 11
     cfg.test.images_per_device = 4
     return cfg
