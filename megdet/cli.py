@@ -145,7 +145,7 @@ def _results_iou_type(path: str) -> str:
     try:
         with open(path) as f:
             results = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "bbox"  # evaluate_coco reports the problem with the file
     first = results[0] if isinstance(results, list) and results and isinstance(results[0], dict) else {}
     if "keypoints" in first:

@@ -45,6 +45,7 @@ STAT_NAMES: dict[str, list[str]] = {
     "keypoints": ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"],
 }
 TABLE_COLUMNS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+COCO_OKS_SIGMAS = COCOeval(iouType="keypoints").params.kpt_oks_sigmas  # pycocotools' defaults: 17 keypoints
 _RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
 
 
@@ -407,6 +408,13 @@ def evaluate_coco(
     if iou_type == "keypoints" and not kp_cats:
         raise EvaluationError(
             f"{_gt_name(gt)}: no category declares 'keypoints'; keypoint evaluation needs a person_keypoints file"
+        )
+    other = {c: k for c, k in kp_cats.items() if k != len(COCO_OKS_SIGMAS)}
+    if iou_type == "keypoints" and other:
+        cat, k = next(iter(other.items()))
+        raise EvaluationError(
+            f"{_gt_name(gt)}: category {cat!r} declares {k} keypoints; keypoint AP (OKS) is defined with COCO's "
+            f"{len(COCO_OKS_SIGMAS)} per-keypoint sigmas"
         )
     _check_gt_for_task(gt, iou_type, kp_cats)
     _validate_results(results, gt, iou_type, source, kp_cats)

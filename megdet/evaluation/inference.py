@@ -175,12 +175,12 @@ def category_info(cfg: Config, checkpoint: Mapping[str, Any] | None = None) -> C
             try:
                 with open(path) as f:
                     cats = json.load(f).get("categories")
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, RecursionError):
                 continue
             if isinstance(cats, list) and cats:
                 kp_path = ann / f"person_keypoints_{split}.json"
                 if _skeleton_of(cats) is None and kp_path.is_file():
-                    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+                    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
                         with open(kp_path) as f:
                             kp_cats = {c["id"]: c for c in json.load(f).get("categories", [])}
                         cats = [{**c, **kp_cats.get(c.get("id"), {})} for c in cats]
