@@ -221,22 +221,24 @@ def _build_dataset(cfg: Config, split: str, train: bool, normalize: bool = True)
         num_semantic_classes=cfg.model.context.num_semantic_classes,
         allow_outside_images=cfg.data.allow_outside_images,
     )
-    check_dataset_fits_model(dataset, cfg)
+    check_dataset_fits_model(dataset, cfg, train=train)
     flip_map = dataset.keypoint_flip_map if cfg.model.keypoint_on else None
     dataset.transforms = build_transforms(cfg.data, train=train, flip_map=flip_map, normalize=normalize)
     return dataset
 
 
-def check_dataset_fits_model(dataset: CocoDetection, cfg: Config) -> None:
-    """ConfigError when the model's outputs and the dataset disagree: label i is the i-th category by
-    sorted id, so the dataset must have exactly ``model.num_classes`` categories (with more, labels index
-    past the classifier; with fewer, predictions of the extra classes name no category), and with
-    keypoints on, exactly ``model.num_keypoints`` keypoint names."""
-    n = len(dataset.coco_category_ids)
-    if n != cfg.model.num_classes:
+def check_dataset_fits_model(dataset: CocoDetection, cfg: Config, train: bool = False) -> None:
+    """ConfigError when the model's outputs and the dataset disagree. Label i is the i-th category by sorted
+    id, so a dataset may not have more categories than ``model.num_classes`` (labels would index past the
+    classifier). Fewer are allowed only to train without evaluation (``train`` and ``test.eval_period <
+    0``: the extra outputs stay background, as in a benchmark of a COCO-sized head): evaluating maps every
+    output to a category. With keypoints on, exactly ``model.num_keypoints`` keypoint names."""
+    n, k = len(dataset.coco_category_ids), cfg.model.num_classes
+    if n > k or (n < k and not (train and cfg.test.eval_period < 0)):
+        unless = "" if n > k else " or, to train without evaluation, test.eval_period=-1"
         raise ConfigError(
-            f"{dataset.instances_json}: {n} categories but model.num_classes={cfg.model.num_classes}; "
-            f"set model.num_classes={n} (one output per category)"
+            f"{dataset.instances_json}: {n} categories but model.num_classes={k}; "
+            f"set model.num_classes={n} (one output per category){unless}"
         )
     if cfg.model.keypoint_on and dataset.num_keypoints != cfg.model.num_keypoints:
         src = dataset.keypoints_json or dataset.instances_json

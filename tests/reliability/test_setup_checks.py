@@ -55,13 +55,20 @@ def _one_line(e: pytest.ExceptionInfo, *parts: str) -> str:
 @pytest.mark.parametrize(("num_classes", "extra"), [(1, []), (5, []), (2, ["model.keypoint_on=true", "model.num_keypoints=17"])])
 def test_categories_and_keypoints_must_match_the_model(tmp_path: Path, num_classes: int, extra: list[str]) -> None:
     root = _root(tmp_path)
-    cfg = _cfg(root, tmp_path, f"model.num_classes={num_classes}", *extra)
+    cfg = _cfg(root, tmp_path, f"model.num_classes={num_classes}", *extra, "test.eval_period=0")
     with pytest.raises(ConfigError) as e:
         build_train_dataset(cfg)
     if extra:
         _one_line(e, "3 keypoints per instance", "model.num_keypoints=17", "set model.num_keypoints=3")
     else:
         _one_line(e, "instances_train.json", "2 categories", f"model.num_classes={num_classes}", "set model.num_classes=2")
+    # The rule for fewer categories than outputs: only without evaluation (a benchmark of a COCO-sized head).
+    if num_classes == 5:
+        assert "test.eval_period=-1" in str(e.value)
+        build_train_dataset(_cfg(root, tmp_path, "model.num_classes=5", "test.eval_period=-1"))
+    elif not extra:
+        with pytest.raises(ConfigError):
+            build_train_dataset(_cfg(root, tmp_path, "model.num_classes=1", "test.eval_period=-1"))
 
 
 def test_a_non_finite_loss_names_the_image_and_annotation_it_came_from(
