@@ -164,7 +164,7 @@ def test_sem_seg_targets_from_label_maps_on_disk(tiny_coco, tmp_path: Path) -> N
 
 def test_train_loader_batches_carry_the_label_maps(tiny_coco) -> None:
     cfg = load_config(None, [f"data.root={tiny_coco.root}", "data.num_workers=0", "model.context.semantic=true",
-                             "data.min_size_train=[48]", "data.max_size_train=64"])  # fmt: skip
+                             "data.min_size_train=[48]", "data.max_size_train=64", "model.num_classes=3"])  # fmt: skip
     batch = next(iter(build_train_loader(cfg, rank=0, world_size=1)))
     for target, (h, w) in zip(batch.targets, batch.image_sizes):
         assert target["sem_seg"].dtype == torch.uint8 and tuple(target["sem_seg"].shape) == (h, w)
