@@ -1,7 +1,7 @@
 """Cross-device BatchNorm: step time against per-device BN, and the collectives each step issues.
 
 Two worker processes (gloo, CPU, ``--threads`` intra-op threads each, started with the project's own
-``megdet.engine.distributed.launch_local``) train the small synthetic detector of
+``megdet.distributed.launch_local``) train the small synthetic detector of
 ``configs/synth_all_r18.yaml`` (ResNet-18 FPN with box, mask and keypoint heads; BN in backbone, FPN
 and heads) on in-memory batches: ``--images`` random images of ``--size`` px per rank with 8 random
 boxes, box masks and (for one "person" box per image) 17 keypoints -- different images on each rank.
@@ -244,7 +244,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from megdet.config import load_config
-    from megdet.engine.distributed import all_gather_object, barrier, cleanup_distributed, init_distributed
+    from megdet.distributed import all_gather_object, barrier, cleanup_distributed, init_distributed
     from megdet.engine.lr_policy import build_optimizer
     from megdet.engine.trainer import accumulate_gradients, apply_update, ddp_buffer_kwargs, recompute_names
     from megdet.layers.recompute import apply_recompute
@@ -356,7 +356,7 @@ def main() -> None:
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
 
-    from megdet.engine.distributed import in_worker, launch_local
+    from megdet.distributed import in_worker, launch_local
 
     if in_worker():
         worker(args)

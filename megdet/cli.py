@@ -83,11 +83,6 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def _in_worker() -> bool:
-    """True inside a process started by torchrun or by our own local launcher."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
@@ -99,8 +94,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"--num-images: expected >= 1, got {args.num_images}")
         print(resolved_schedule_text(cfg, world_size=world, num_images=args.num_images))
         return 0
-    if args.nproc > 1 and not _in_worker():
-        from megdet.engine.distributed import launch_local
+    from megdet.distributed import in_worker
+
+    if args.nproc > 1 and not in_worker():
+        from megdet.distributed import launch_local
         from megdet.engine.trainer import check_train_config
 
         check_train_config(cfg, args.nproc)  # one line here rather than the same error from every worker
@@ -191,8 +188,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_results(args)
     if not args.weights:
         raise CliError("eval needs --weights CHECKPOINT, or --annotations GT.json --results RESULTS.json")
-    if args.nproc > 1 and not _in_worker():
-        from megdet.engine.distributed import launch_local
+    from megdet.distributed import in_worker
+
+    if args.nproc > 1 and not in_worker():
+        from megdet.distributed import launch_local
 
         # What can be checked without loading a model is checked once here, not by every worker.
         for weights in args.weights:
@@ -203,7 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return launch_local(args.nproc, _strip_nproc(args.raw_argv))
     import torch.distributed as dist
 
-    from megdet.engine.distributed import cleanup_distributed, init_distributed
+    from megdet.distributed import cleanup_distributed, init_distributed
     from megdet.evaluation.coco_eval import EvaluationError
     from megdet.evaluation.inference import evaluate_model, load_model_from_checkpoint
 
@@ -239,7 +238,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from megdet.engine.distributed import resolve_device
+    from megdet.distributed import resolve_device
     from megdet.evaluation.inference import (
         category_info,
         keypoint_flip_map,

@@ -93,7 +93,7 @@ def test_impossible_model_and_solver_values_are_one_line(tmp_path: Path, capsys:
 def test_nproc_checks_the_config_before_starting_workers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import megdet.engine.distributed as distributed
+    import megdet.distributed as distributed
 
     monkeypatch.setattr(distributed, "launch_local", lambda *a, **k: pytest.fail("workers were started"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)

@@ -44,6 +44,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from megdet.config import Config, ConfigError, config_to_dict, dump_config, require_at_least, require_choice
+from megdet.distributed import (
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
 from megdet.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -51,13 +58,6 @@ from megdet.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-)
-from megdet.engine.distributed import (
-    all_gather_object,
-    all_reduce_sum,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
 )
 from megdet.engine.lr_policy import (
     LRScheduler,

@@ -37,6 +37,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from megdet.data.validate import category_name
+from megdet.distributed import all_gather_object, get_rank
 
 IOU_TYPES = ("bbox", "segm", "keypoints")
 STAT_NAMES: dict[str, list[str]] = {
@@ -571,15 +572,9 @@ def gather_predictions(
     :class:`EvaluationError` on rank 0 when an image id comes from two ranks or, with
     ``expected_image_ids``, when an expected image is missing or an unexpected one is present.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        shards: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, dict(local))
-        if dist.get_rank() != 0:
-            return None
-    else:
-        shards = [dict(local)]
+    shards = all_gather_object(dict(local))
+    if get_rank() != 0:
+        return None
     merged: dict[int, Any] = {}
     owner: dict[int, int] = {}
     for rank, shard in enumerate(shards):

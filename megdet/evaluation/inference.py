@@ -329,7 +329,7 @@ def evaluate_model(
     With ``progress``, rank 0 shows a progress bar and prints the timing and the AP table.
     """
     from megdet.data.loader import check_data_config
-    from megdet.engine.distributed import all_gather_object
+    from megdet.distributed import all_gather_object
     from megdet.evaluation.coco_eval import COCOEvaluator, EvaluationError, format_eval_table
     from megdet.evaluation.sem_seg_eval import semantic_evaluator
 

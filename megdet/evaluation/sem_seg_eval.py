@@ -77,15 +77,12 @@ class SemSegEvaluator:
         """Sums the confusion matrices of all ranks (a collective when a process group is set up) and
         returns ``{"stats": {mIoU, fwIoU, pixel_accuracy, mean_accuracy}, "per_class_iou": {name: iou}}``
         as fractions on rank 0; ``{}`` on the other ranks."""
-        import torch.distributed as dist
+        from megdet.distributed import all_gather_object, get_rank
 
-        confusion = self.confusion
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            shards: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, self.confusion)
-            if dist.get_rank() != 0:
-                return {}
-            confusion = np.sum(shards, axis=0)
+        shards = all_gather_object(self.confusion)
+        if get_rank() != 0:
+            return {}
+        confusion = self.confusion if len(shards) == 1 else np.sum(shards, axis=0)
         return semantic_metrics(confusion, self.class_names)
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from megdet.config import dump_config
+from megdet.distributed import all_gather_object, get_rank, get_world_size, launch_local, reduce_dict
 from megdet.engine.checkpoint import load_checkpoint
-from megdet.engine.distributed import all_gather_object, get_rank, get_world_size, launch_local, reduce_dict
 
 WORKER = textwrap.dedent(
     """
@@ -167,7 +167,7 @@ def test_launch_local_reports_a_failing_worker(tmp_path, capsys) -> None:
 LAUNCHER = textwrap.dedent(
     """
     import sys
-    from megdet.engine.distributed import launch_local
+    from megdet.distributed import launch_local
 
     sys.exit(launch_local(2, sys.argv[1:2] + sys.argv[3:], script=sys.argv[2]))
     """
@@ -259,7 +259,7 @@ def test_sigterm_to_one_worker_stops_every_rank_at_one_checkpoint(tiny_cfg, tmp_
 def test_workers_get_a_long_grace_period_after_sigterm(monkeypatch) -> None:
     import torch.distributed.launcher.api as launcher_api
 
-    from megdet.engine.distributed import SHUTDOWN_GRACE_S
+    from megdet.distributed import SHUTDOWN_GRACE_S
 
     if "shutdown_timeout" not in launcher_api.LaunchConfig.__dataclass_fields__:
         pytest.skip("this torch's launcher has no shutdown_timeout (fixed at 30 s)")
@@ -274,7 +274,7 @@ def test_workers_get_a_long_grace_period_after_sigterm(monkeypatch) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sched_getaffinity")
 def test_worker_env_detection(monkeypatch) -> None:
-    from megdet.engine.distributed import in_worker, init_distributed
+    from megdet.distributed import in_worker, init_distributed
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert not in_worker()

@@ -174,7 +174,7 @@ def test_eval_checkpoint_single_and_two_processes_agree(setup: dict, capsys: pyt
 
 
 def test_eval_nproc_starts_the_local_launcher(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import megdet.engine.distributed as distributed
+    import megdet.distributed as distributed
 
     calls = []
     monkeypatch.setattr(distributed, "launch_local", lambda n, argv: calls.append((n, argv)) or 0)
@@ -187,7 +187,7 @@ def test_eval_nproc_starts_the_local_launcher(setup: dict, monkeypatch: pytest.M
 def test_eval_nproc_with_a_missing_checkpoint_is_one_line_before_any_worker(
     setup: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import megdet.engine.distributed as distributed
+    import megdet.distributed as distributed
 
     monkeypatch.setattr(distributed, "launch_local", lambda n, argv: pytest.fail("workers were started"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)

@@ -1,5 +1,8 @@
 """Process groups, local multi-process launch, and small collective helpers.
 
+The one low-level home of these helpers: the engine and evaluation both import them from here (the
+BatchNorm layers' own all-reduce is :mod:`megdet.layers.collectives`).
+
 Workers are started by torch.distributed's elastic launcher (``torchrun`` on a cluster, or
 :func:`launch_local` on one machine); each reads its place from the environment variables the
 launcher sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
