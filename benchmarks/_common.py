@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from megdet.files import write_text_atomic
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -141,10 +143,7 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     data = {"benchmark": name, "machine": machine_info(), **payload}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # a reader never sees half a file
 
 
 # --------------------------------------------------------------------------------------------------

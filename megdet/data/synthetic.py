@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from megdet.files import write_json_atomic
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "triangle", "rectangle", "star", "ring", "cross")
 PERSON_CATEGORY_ID = 7
@@ -612,10 +613,7 @@ def _keypoints(obj: _Obj, k: int, idmap: np.ndarray, box: tuple[int, int, int, i
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    write_json_atomic(path, data, separators=(",", ":"))
 
 
 def _results(

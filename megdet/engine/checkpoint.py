@@ -6,23 +6,22 @@ a numpy array) is refused at save time with the key path that holds it, rather t
 unloadable later. :func:`rng_state` / :func:`set_rng_state` convert the RNG states of torch, CUDA,
 Python and numpy to and from that form.
 
-Writes are atomic: the bytes go to a hidden temporary file in the same directory, are fsync'ed, and
-the file is renamed over the target with ``os.replace`` (atomic on POSIX). A crash mid-write leaves
-the previous checkpoint untouched and no partially written file under a checkpoint's name.
+Writes are atomic (:mod:`megdet.files`): a crash mid-write leaves the previous checkpoint untouched and
+no partially written file under a checkpoint's name.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from megdet.files import atomic_write, write_text_atomic
 
 LAST_CHECKPOINT = "last_checkpoint"
 _NAME = re.compile(r"^model_(\d{7,})\.pt$")
@@ -53,43 +52,11 @@ def _check_safe(obj: Any, where: str) -> None:
     )
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every file system allows opening a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     """Writes ``state`` to ``path`` atomically; refuses values that weights_only loading would reject."""
     path = Path(path)
     _check_safe(state, "")
-    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
     return path
 
 
@@ -152,7 +119,7 @@ class CheckpointManager:
     def save(self, iteration: int, state: Mapping[str, Any]) -> Path:
         """Saves, then points ``last_checkpoint`` at it, then prunes; each step leaves a loadable state."""
         path = save_checkpoint(self.path_for(iteration), state)
-        _atomic_write(self.out_dir / LAST_CHECKPOINT, lambda f: f.write((path.name + "\n").encode()))
+        write_text_atomic(self.out_dir / LAST_CHECKPOINT, path.name + "\n")
         if self.keep > 0:
             others = [p for p in self.checkpoints() if p != path]
             for old in others[: max(0, len(others) - (self.keep - 1))]:

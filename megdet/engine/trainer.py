@@ -28,7 +28,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import random
 import resource
 import signal
@@ -67,6 +66,7 @@ from megdet.engine.lr_policy import (
     plot_schedule,
     resolve_schedule,
 )
+from megdet.files import write_text_atomic
 from megdet.layers import CrossDeviceBatchNorm2d
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -495,12 +495,6 @@ def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, rank, 1]).generate_state(1, np.uint32)[0])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _format_losses(values: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.6g}" for k, v in values.items())
 
@@ -647,7 +641,7 @@ def _run(
     # ---- outputs ----------------------------------------------------------------------------------
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
+        write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
         plot_schedule(info, out_dir / "lr_schedule.png")
     barrier()
     log = _Log(out_dir, main, start_iter, info.total_iters)
@@ -819,7 +813,7 @@ def _run(
             # A stable name for the finished model (what `megdet eval/predict --weights` take): the model,
             # its config and categories only, without the training state.
             save_checkpoint(out_dir / "model_final.pt", weights_state(iteration))
-            _write_text_atomic(
+            write_text_atomic(
                 out_dir / "summary.json",
                 json.dumps({"iteration": iteration, "checkpoint": str(last_path), **dataclasses.asdict(info)},
                            indent=2, default=str),
