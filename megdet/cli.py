@@ -276,7 +276,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from megdet.engine.checkpoint import save_checkpoint
+    from megdet.checkpoint import save_checkpoint
     from megdet.modeling.convert.checkpoint import converted_checkpoint
 
     classes: str | list[int] = args.classes

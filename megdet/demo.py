@@ -108,8 +108,8 @@ def run_demo(
         ``{"single": eval.json dict, "tta": eval.json dict, "times": {phase: s}, "cpu_times": {phase: s},
         "report": path}``; the same is written to ``OUT/demo.json``.
     """
+    from megdet.checkpoint import CheckpointManager
     from megdet.distributed import launch_local
-    from megdet.engine.checkpoint import CheckpointManager
     from megdet.evaluation.coco_eval import format_eval_table
     from megdet.evaluation.inference import (
         category_info,

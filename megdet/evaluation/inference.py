@@ -69,9 +69,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-_TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "rng")
-
-
 def load_model_and_metadata(
     path: str | Path,
     cfg: Config | None = None,
@@ -80,18 +77,19 @@ def load_model_and_metadata(
 ) -> tuple[nn.Module, Config, dict[str, Any]]:
     """Like :func:`load_model_from_checkpoint`, also returning the checkpoint's other entries
     (``config``, ``iteration``, ``categories`` when stored, ...; not the training state)."""
-    from megdet.engine.checkpoint import CheckpointError, load_checkpoint
+    from megdet.checkpoint import Checkpoint, CheckpointError, load_checkpoint
     from megdet.modeling.convert.checkpoint import converted_checkpoint, is_converted_source
     from megdet.modeling.detector import build_model, load_model_state
 
     path = Path(path)
     if is_converted_source(path):  # torchvision / detectron2 weights: converted here, nothing re-initialised
-        ckpt, _, cfg = converted_checkpoint(path, cfg, overrides, allow_new_heads=False)
+        raw, _, cfg = converted_checkpoint(path, cfg, overrides, allow_new_heads=False)
         overrides = ()
     else:
-        ckpt = load_checkpoint(path)
+        raw = load_checkpoint(path)
+    ckpt = Checkpoint.from_dict(raw)
     if cfg is None:
-        stored = ckpt.get("config")
+        stored = ckpt.config
         if not isinstance(stored, Mapping):
             raise CheckpointError(
                 f"{path}: the checkpoint stores no config; pass the training config with --config"
@@ -107,11 +105,11 @@ def load_model_and_metadata(
     build_cfg.model.weights = ""
     model = build_model(build_cfg)
     try:
-        load_model_state(model, ckpt["model"], strict=True)
+        load_model_state(model, ckpt.model, strict=True)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model.to(device).eval()
-    return model, cfg, {k: v for k, v in ckpt.items() if k not in _TRAINING_STATE}
+    return model, cfg, ckpt.metadata()
 
 
 def load_model_from_checkpoint(
@@ -126,7 +124,7 @@ def load_model_from_checkpoint(
     ``key.sub=value`` ``overrides`` applied. torchvision and detectron2 detector files are converted
     on the way (:mod:`megdet.modeling.convert.checkpoint`; their config is the source model's). A missing, corrupt or non-matching checkpoint (a
     parameter missing, unexpected or of another shape) raises a one-line
-    :class:`~megdet.engine.checkpoint.CheckpointError` naming the file.
+    :class:`~megdet.checkpoint.CheckpointError` naming the file.
     """
     model, cfg, _ = load_model_and_metadata(path, cfg, device, overrides)
     return model, cfg

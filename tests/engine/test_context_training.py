@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from megdet.checkpoint import load_checkpoint
 from megdet.cli import main
 from megdet.config import load_config
 from megdet.data.loader import build_train_loader
 from megdet.data.synthetic import generate_synthetic_coco
 from megdet.engine import trainer as trainer_mod
-from megdet.engine.checkpoint import load_checkpoint
 from megdet.engine.trainer import accumulate_gradients, recompute_names, train
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 from megdet.layers.recompute import apply_recompute

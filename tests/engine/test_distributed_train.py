@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
+from megdet.checkpoint import load_checkpoint
 from megdet.config import dump_config
 from megdet.distributed import all_gather_object, get_rank, get_world_size, launch_local, reduce_dict
-from megdet.engine.checkpoint import load_checkpoint
 
 WORKER = textwrap.dedent(
     """

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megdet.checkpoint import load_checkpoint
 from megdet.cli import main
-from megdet.engine.checkpoint import load_checkpoint
 from megdet.engine.trainer import train
 from megdet.modeling.detector import build_model
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
+from megdet.checkpoint import CheckpointManager, load_checkpoint
 from megdet.config import ConfigError, config_to_dict, dump_config, load_config
 from megdet.data.loader import Batch, build_train_loader
 from megdet.engine import trainer as trainer_mod
-from megdet.engine.checkpoint import CheckpointManager, load_checkpoint
 from megdet.engine.trainer import (
     NonFiniteLossError,
     accumulate_gradients,
@@ -453,7 +453,7 @@ def test_a_missing_training_image_fails_before_the_first_step(tiny_cfg, synth_ro
 
 
 def test_resume_with_another_global_batch_model_or_optimizer_is_refused(tiny_cfg) -> None:
-    from megdet.engine.checkpoint import CheckpointError
+    from megdet.checkpoint import CheckpointError
 
     first = train(tiny_cfg("train.max_iters=1"))
     with pytest.raises(ConfigError, match="global batch 2.*this run has 1"):
@@ -490,7 +490,7 @@ def test_resolved_schedule_text(tiny_cfg) -> None:
 
 
 def test_finished_run_leaves_model_final_with_categories(tiny_cfg) -> None:
-    from megdet.engine.checkpoint import load_checkpoint
+    from megdet.checkpoint import load_checkpoint
 
     cfg = tiny_cfg("train.max_iters=2", "train.checkpoint_period=100")
     train(cfg)

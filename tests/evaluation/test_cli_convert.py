@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from megdet.checkpoint import load_checkpoint
 from megdet.cli import main
 from megdet.data.synthetic import generate_synthetic_coco
-from megdet.engine.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

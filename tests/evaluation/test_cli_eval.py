@@ -14,10 +14,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 from pycocotools.coco import COCO
 
+from megdet.checkpoint import save_checkpoint
 from megdet.cli import main
 from megdet.config import config_to_dict, load_config
 from megdet.data.synthetic import generate_synthetic_coco
-from megdet.engine.checkpoint import save_checkpoint
 from megdet.modeling import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megdet.checkpoint import CheckpointError, save_checkpoint
 from megdet.config import config_to_dict
 from megdet.data.errors import DatasetError
 from megdet.data.synthetic import generate_synthetic_coco
-from megdet.engine.checkpoint import CheckpointError, save_checkpoint
 from megdet.evaluation.inference import (
     category_info,
     evaluate_model,

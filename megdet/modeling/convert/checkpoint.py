@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megdet.checkpoint import Checkpoint
 from megdet.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
 from megdet.modeling.convert.convert import KEYPOINT_LOGITS, MASK_LOGITS, Conversion, convert_state
 from megdet.modeling.convert.errors import WeightsError
@@ -233,13 +234,13 @@ def converted_checkpoint(
         torch.manual_seed(0)  # re-initialised heads: the same file every time, the caller's RNG untouched
         model = build_model(build_cfg)
     report = load_converted(model, conv, allow_new_heads=allow_new_heads, where=where)
-    ckpt = {
-        "model": model.state_dict(),
-        "config": config_to_dict(cfg),
-        "categories": _categories(conv, wf, cfg.model.num_classes),
-        "converted_from": {"path": str(path), "source": conv.source, "report": report.lines()},
-    }
-    return ckpt, report, cfg
+    ckpt = Checkpoint(
+        model=model.state_dict(),
+        config=config_to_dict(cfg),
+        categories=_categories(conv, wf, cfg.model.num_classes),
+        converted_from={"path": str(path), "source": conv.source, "report": report.lines()},
+    )
+    return ckpt.to_dict(), report, cfg
 
 
 def is_converted_source(path: str | Path) -> bool:

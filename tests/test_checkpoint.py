@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from megdet.engine import checkpoint as ckpt_mod
-from megdet.engine.checkpoint import (
+from megdet import checkpoint as ckpt_mod
+from megdet.checkpoint import (
     LAST_CHECKPOINT,
     CheckpointError,
     CheckpointManager,
@@ -168,3 +168,15 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path) -> None:
     # contains no numpy objects.
     assert not any(isinstance(v, np.ndarray) for v in rng_state()["numpy"].values())
     assert pickle.dumps(ckpt_mod.rng_state())  # and is an ordinary picklable dict for all_gather_object
+
+
+def test_checkpoint_layout_round_trip(tmp_path) -> None:
+    from megdet.checkpoint import Checkpoint
+
+    weights = Checkpoint(model={"w": torch.ones(2)}, iteration=3, config={"a": 1}, categories=[])
+    assert set(weights.to_dict()) == {"model", "iteration", "config", "categories"}  # model_final.pt
+    full = Checkpoint(**{**vars(weights), "optimizer": {"state": {}}, "scaler": {}, "rng": [], "world_size": 2})
+    path = save_checkpoint(tmp_path / "a.pt", {**full.to_dict(), "from_elsewhere": 1})
+    loaded = Checkpoint.from_dict(load_checkpoint(path))
+    assert loaded.scaler == {} and loaded.world_size == 2 and loaded.scheduler is None
+    assert loaded.metadata() == {"iteration": 3, "config": {"a": 1}, "categories": [], "world_size": 2}

@@ -1,6 +1,11 @@
-"""Checkpoints: atomic writes, last-K retention, safe loading.
+"""Checkpoints: their layout, atomic writes, last-K retention, safe loading.
 
-A checkpoint is a dict written by ``torch.save`` holding only what ``torch.load(..., weights_only=True)``
+:class:`Checkpoint` is the one definition of what a checkpoint file holds: the model's state dict, the
+iteration, the config and the categories (all that ``model_final.pt`` has), and for a resumable
+checkpoint the training state too. The trainer writes it, the trainer's resume and evaluation's
+model loading read it; nothing else spells its keys.
+
+On disk a checkpoint is a dict written by ``torch.save`` holding only what ``torch.load(..., weights_only=True)``
 accepts: tensors, numbers, strings, booleans, None, lists, tuples and dicts. Anything else (a dataclass,
 a numpy array) is refused at save time with the key path that holds it, rather than making the file
 unloadable later. :func:`rng_state` / :func:`set_rng_state` convert the RNG states of torch, CUDA,
@@ -12,11 +17,13 @@ no partially written file under a checkpoint's name.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +37,43 @@ _SAFE_SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.de
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read (or state that cannot be written); the message is one line."""
+
+
+@dataclass
+class Checkpoint:
+    """The layout of a checkpoint file (a dict of these fields; None fields are not stored)."""
+
+    model: Mapping[str, torch.Tensor]  # the detector's state_dict
+    iteration: int | None = None  # iterations done
+    config: Mapping[str, Any] | None = None  # config_to_dict of the run's Config
+    categories: list[Mapping[str, Any]] | None = None  # the training set's COCO categories, in label order
+    # The training state: what a resumed run needs besides the weights (absent from model_final.pt).
+    optimizer: Mapping[str, Any] | None = None
+    scheduler: Mapping[str, Any] | None = None
+    scaler: Mapping[str, Any] | None = None  # {} without fp16 loss scaling
+    sampler_position: int | None = None  # micro-batches consumed: iteration x grad_accum_steps
+    rng: list[Mapping[str, Any]] | None = None  # every rank's rng_state(), in rank order
+    schedule: Mapping[str, Any] | None = None  # the resolved ScheduleInfo as a dict
+    world_size: int | None = None
+    # A checkpoint made by `megdet convert` from another program's weights: the file, its source and
+    # the conversion report.
+    converted_from: Mapping[str, Any] | None = None
+
+    # The model and the optimizer, scheduler, scaler and RNG states; the other fields are metadata.
+    STATE: ClassVar[tuple[str, ...]] = ("model", "optimizer", "scheduler", "scaler", "rng")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What :func:`save_checkpoint` stores: every field that is not None."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> Checkpoint:
+        """The fields of a loaded checkpoint dict (keys of other programs are ignored)."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+    def metadata(self) -> dict[str, Any]:
+        """The stored fields other than the model and the optimizer, scheduler, scaler and RNG states."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.STATE}
 
 
 def _check_safe(obj: Any, where: str) -> None:
