@@ -43,6 +43,7 @@ from torchvision.datasets import wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from megdet.config import Config, load_config
+from megdet.data.layout import split_files
 from megdet.data.loader import build_train_loader
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +56,7 @@ def ensure_dataset(data_dir: Path | None, num_train: int) -> Path:
     from megdet.data.synthetic import generate_synthetic_coco
 
     root = RESULTS / f"data_loader_synth_{num_train}"
-    if not (root / "annotations" / "person_keypoints_train.json").is_file():
+    if not split_files(root, "train").keypoints.is_file():
         print(f"generating {num_train} synthetic training images in {root} ...")
         generate_synthetic_coco(
             root, num_train=num_train, num_val=0, image_size=256, seed=0, workers=2, progress=False
@@ -87,9 +88,8 @@ def torchvision_loader(cfg: Config, workers: int) -> DataLoader:
             v2.Normalize(d.pixel_mean, d.pixel_std),
         ]
     )
-    root = Path(d.root)
-    dataset = TVCocoDetection(str(root / d.train_split), str(root / "annotations" / f"instances_{d.train_split}.json"),
-                              transforms=transforms)  # fmt: skip
+    files = split_files(d.root, d.train_split)
+    dataset = TVCocoDetection(str(files.images), str(files.instances), transforms=transforms)
     dataset = wrap_dataset_for_transforms_v2(dataset, target_keys=("image_id", "boxes", "labels", "masks"))
     return DataLoader(
         dataset,

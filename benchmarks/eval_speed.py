@@ -84,6 +84,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from megdet.config import Config, load_config
+from megdet.data.layout import split_files
 from megdet.data.loader import Batch, build_test_dataset, build_test_loader
 from megdet.data.synthetic import generate_synthetic_coco
 from megdet.evaluation.coco_eval import IOU_TYPES, COCOEvaluator, evaluate_coco, load_coco_gt
@@ -331,10 +332,8 @@ def run_evaluation(model: nn.Module, cfg: Config, out_dir: Path, tta: bool) -> d
 def time_coco_tasks(cfg: Config, results_dir: Path) -> dict[str, Any]:
     """pycocotools seconds per task on the results files in ``results_dir`` (ground truth loaded once,
     timed apart), and the number of results of each task."""
-    ann = Path(cfg.data.root) / "annotations"
-    split = cfg.data.val_split
-    gt_files = {"bbox": ann / f"instances_{split}.json", "segm": ann / f"instances_{split}.json",
-                "keypoints": ann / f"person_keypoints_{split}.json"}  # fmt: skip
+    files = split_files(cfg.data.root, cfg.data.val_split)
+    gt_files = {"bbox": files.instances, "segm": files.instances, "keypoints": files.keypoints}
     gts: dict[Path, Any] = {}
     t0 = time.perf_counter()
     for task in IOU_TYPES:
@@ -505,15 +504,14 @@ def run_benchmark(
 
 def _coco_evaluator(cfg: Config, batches: Sequence[Batch], category_ids: Sequence[int]) -> COCOEvaluator:
     # Set up as evaluate_model sets up its own, so that process() does the same encoding work.
-    ann = Path(cfg.data.root) / "annotations"
-    split = cfg.data.val_split
-    kp_gt = ann / f"person_keypoints_{split}.json" if cfg.model.keypoint_on else None
+    files = split_files(cfg.data.root, cfg.data.val_split)
+    kp_gt = files.keypoints if cfg.model.keypoint_on else None
     kp_ids = None
     if kp_gt is not None:
         cats = json.loads(kp_gt.read_text())["categories"]
         kp_ids = [int(c["id"]) for c in cats if c.get("keypoints")]
     return COCOEvaluator(
-        gt_instances=ann / f"instances_{split}.json",
+        gt_instances=files.instances,
         coco_category_ids=category_ids,
         gt_keypoints=kp_gt,
         keypoint_category_ids=kp_ids,

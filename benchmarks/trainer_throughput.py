@@ -42,10 +42,11 @@ def ensure_data(data_dir: Path | None, work: Path, num_train: int, image_size: i
     """``data_dir`` as given, or a synthetic training split generated under ``work``."""
     if data_dir is not None:
         return data_dir
+    from megdet.data.layout import split_files
     from megdet.data.synthetic import generate_synthetic_coco
 
     root = work / f"synth_{num_train}_{image_size}"
-    if not (root / "annotations" / "instances_train.json").is_file():
+    if not split_files(root, "train").instances.is_file():
         t = time.perf_counter()
         workers = max(1, min(8, os.cpu_count() or 1))
         generate_synthetic_coco(root, num_train=num_train, num_val=0, image_size=image_size, seed=0,

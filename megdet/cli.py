@@ -30,10 +30,11 @@ class CliError(RuntimeError):
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from megdet.data.synthetic import STUFF_MAPS_DIR, generate_synthetic_coco
+    from megdet.data.layout import ANNOTATIONS_DIR, STUFF_MAPS_DIR
+    from megdet.data.synthetic import generate_synthetic_coco
 
     out = Path(args.out)
-    existing = [out / n for n in ("annotations", "train", "val", STUFF_MAPS_DIR) if (out / n).exists()]
+    existing = [out / n for n in (ANNOTATIONS_DIR, "train", "val", STUFF_MAPS_DIR) if (out / n).exists()]
     if existing and not args.overwrite:
         raise CliError(
             f"{existing[0]} already exists: {out} holds a dataset; pass --overwrite to replace it, or choose another --out"
@@ -49,13 +50,13 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         stuff=args.stuff,
     )
     from megdet.data.check import check_coco, format_report
+    from megdet.data.layout import split_files
 
     for split in ("train", "val"):
-        ann = out / "annotations" / f"instances_{split}.json"
-        if ann.is_file() and stats.get(split, {}).get("images", 1):
-            print(f"== {ann}")
-            label_maps = out / STUFF_MAPS_DIR / split if args.stuff else None
-            print(format_report(check_coco(ann, out / split, label_maps)))
+        files = split_files(args.out, split)
+        if files.instances.is_file() and stats.get(split, {}).get("images", 1):
+            print(f"== {files.instances}")
+            print(format_report(check_coco(files.instances, files.images, files.label_maps if args.stuff else None)))
     return 0
 
 
@@ -204,7 +205,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from megdet.distributed import cleanup_distributed, init_distributed
     from megdet.evaluation.coco_eval import EvaluationError
-    from megdet.evaluation.inference import evaluate_model, load_model_from_checkpoint
+    from megdet.evaluation.inference import evaluate_model
+    from megdet.evaluation.loading import load_model_from_checkpoint
 
     # With --config every checkpoint is built from it; without, each from its own stored config. The
     # evaluation settings (data, test) are those of --config or of the first checkpoint.
@@ -239,12 +241,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from megdet.distributed import resolve_device
-    from megdet.evaluation.inference import (
-        category_info,
-        keypoint_flip_map,
-        load_model_and_metadata,
-        predict_files,
-    )
+    from megdet.evaluation.loading import load_model_and_metadata
+    from megdet.evaluation.predict import category_info, keypoint_flip_map, predict_files
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise CliError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")

@@ -111,12 +111,9 @@ def run_demo(
     from megdet.checkpoint import CheckpointManager
     from megdet.distributed import launch_local
     from megdet.evaluation.coco_eval import format_eval_table
-    from megdet.evaluation.inference import (
-        category_info,
-        evaluate_model,
-        load_model_and_metadata,
-        predict_files,
-    )
+    from megdet.evaluation.inference import evaluate_model
+    from megdet.evaluation.loading import load_model_and_metadata
+    from megdet.evaluation.predict import category_info, predict_files
     from megdet.evaluation.report import plot_training_curves, write_report
 
     if nproc < 1:

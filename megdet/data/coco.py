@@ -25,6 +25,7 @@ from torchvision import tv_tensors
 from megdet.data import semantic
 from megdet.data.errors import DatasetError
 from megdet.data.images import read_image_size, read_rgb
+from megdet.data.layout import merge_keypoint_fields
 from megdet.data.validate import (
     annotation_problems,
     annotation_where,
@@ -201,9 +202,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 )
         # The categories as the files list them, the keypoint file's keypoints/skeleton merged in:
         # checkpoints store this so that predictions can be named and drawn without the dataset.
-        merged = {cid: dict(c) for cid, c in cats.items()}
-        for _, c in kp_cats:
-            merged[c["id"]].update({k: c[k] for k in ("keypoints", "skeleton") if k in c})
+        merged = {c["id"]: c for c in merge_keypoint_fields(cats.values(), [c for _, c in kp_cats])}
         self.categories: list[dict[str, Any]] = [merged[cid] for cid in self.coco_category_ids]
         self._keypoints_of = keypoint_counts(self.categories)
         self.keypoint_names: list[str] = []

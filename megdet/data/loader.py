@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megdet.config import Config, ConfigError, require_at_least
+from megdet.data.layout import split_files
 from megdet.data.sampler import InferenceSampler, TrainingBatchSampler
-from megdet.data.transforms import Normalize, build_transforms
+from megdet.data.transforms import Compose, Normalize, build_transforms
 
 if TYPE_CHECKING:
     # Imported where a dataset is built: Batch and collate (benchmarks, the trainer's step) must not
@@ -197,27 +197,20 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-def _split_files(cfg: Config, split: str) -> tuple[Path, Path, Path | None]:
-    root = Path(cfg.data.root)
-    ann = root / "annotations"
-    keypoints = ann / f"person_keypoints_{split}.json" if cfg.model.keypoint_on else None
-    return root / split, ann / f"instances_{split}.json", keypoints
-
-
 def _build_dataset(cfg: Config, split: str, train: bool, normalize: bool = True) -> CocoDetection:
     from megdet.data.coco import CocoDetection
 
-    image_dir, instances, keypoints = _split_files(cfg, split)
+    files = split_files(cfg.data.root, split, cfg.data.sem_seg_dir)
     semantic = cfg.model.context.semantic
     dataset = CocoDetection(
-        image_dir,
-        instances,
-        keypoints,
+        files.images,
+        files.instances,
+        files.keypoints if cfg.model.keypoint_on else None,
         train=train,
         with_masks=cfg.model.mask_on,
         with_keypoints=cfg.model.keypoint_on,
         with_sem_seg=semantic,
-        sem_seg_dir=Path(cfg.data.root) / cfg.data.sem_seg_dir / split if semantic and cfg.data.sem_seg_dir else None,
+        sem_seg_dir=files.label_maps if semantic and cfg.data.sem_seg_dir else None,
         num_semantic_classes=cfg.model.context.num_semantic_classes,
         allow_outside_images=cfg.data.allow_outside_images,
     )
@@ -347,21 +340,34 @@ def build_train_loader(
     )
 
 
-def build_test_loader(
-    cfg: Config, split: str, rank: int, world_size: int, dataset: CocoDetection | None = None
-) -> DataLoader:
-    """Loader over this rank's contiguous shard of ``split`` (its first ``cfg.test.max_images`` when > 0).
+def num_test_images(cfg: Config, dataset: Sized) -> int:
+    """How many images of a test split are evaluated: its first ``cfg.test.max_images`` (all when <= 0)."""
+    return len(dataset) if cfg.test.max_images <= 0 else min(len(dataset), cfg.test.max_images)
 
-    ``dataset``: an already built :func:`build_test_dataset` of ``split`` to reuse.
+
+def build_test_loader(
+    cfg: Config,
+    split: str,
+    rank: int,
+    world_size: int,
+    dataset: CocoDetection | None = None,
+    original_size: bool = False,
+) -> DataLoader:
+    """Loader over this rank's contiguous shard of ``split`` (:func:`num_test_images` images in all).
+
+    ``dataset``: an already built :func:`build_test_dataset` of ``split`` to reuse. ``original_size``:
+    images are only converted and normalised, not resized or padded (for test-time augmentation,
+    whose views resize each image themselves).
     """
     dataset = dataset if dataset is not None else build_test_dataset(cfg, split)
-    size = len(dataset) if cfg.test.max_images <= 0 else min(len(dataset), cfg.test.max_images)
+    if original_size:
+        dataset.transforms = Compose([Normalize(cfg.data.pixel_mean, cfg.data.pixel_std)])
     return DataLoader(
         dataset,
         batch_size=cfg.test.images_per_device,
-        sampler=InferenceSampler(size, rank, world_size),
+        sampler=InferenceSampler(num_test_images(cfg, dataset), rank, world_size),
         num_workers=cfg.data.num_workers,
-        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
+        collate_fn=functools.partial(collate, size_divisibility=1 if original_size else cfg.data.size_divisibility),
         worker_init_fn=_ignore_sigterm,  # evaluation inside a training run that gets SIGTERM
         pin_memory=torch.cuda.is_available(),
     )

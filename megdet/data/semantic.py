@@ -20,6 +20,7 @@ import PIL
 import PIL.Image
 
 from megdet.data.errors import DatasetError
+from megdet.data.layout import stuff_json_for
 from megdet.data.validate import category_name
 
 IGNORE_LABEL = 255
@@ -92,13 +93,6 @@ def label_map_from_instances(masks: np.ndarray, labels: Sequence[int], size: tup
     for i in np.argsort(-areas, kind="stable"):
         out[masks[i] > 0] = labels[i]
     return out
-
-
-def stuff_json_for(instances_json: str | Path) -> Path:
-    """COCO-Stuff's stuff file next to an instances file: ``instances_S.json`` -> ``stuff_S.json``."""
-    path = Path(instances_json)
-    name = path.name[len("instances_"):] if path.name.startswith("instances_") else path.name
-    return path.with_name(f"stuff_{name}")
 
 
 def _categories_of(path: Path) -> list[dict[str, Any]]:

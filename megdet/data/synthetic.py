@@ -37,23 +37,12 @@ import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from megdet.data.layout import COCO_KEYPOINT_NAMES, COCO_SKELETON, split_files
 from megdet.files import write_json_atomic
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "triangle", "rectangle", "star", "ring", "cross")
 PERSON_CATEGORY_ID = 7
-KEYPOINT_NAMES: tuple[str, ...] = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-    "left_knee", "right_knee", "left_ankle", "right_ankle",
-)  # fmt: skip
-# COCO's limb pairs, 1-based keypoint indices, in the order of person_keypoints_val2017.json.
-SKELETON: tuple[tuple[int, int], ...] = (
-    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
-    (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
-)  # fmt: skip
-
 _SPLITS = ("train", "val")
-STUFF_MAPS_DIR = "stuffthingmaps"  # the label maps of a stuff dataset: out_dir/stuffthingmaps/{split}/
 # Image and annotation ids of the val split start here so that ids are unique across splits (as in
 # COCO) while each split's ids stay independent of the other split's size.
 _VAL_ID_OFFSET = 100_000_000
@@ -93,8 +82,8 @@ def _person_category() -> dict[str, Any]:
         "supercategory": "person",
         "id": PERSON_CATEGORY_ID,
         "name": "person",
-        "keypoints": list(KEYPOINT_NAMES),
-        "skeleton": [list(p) for p in SKELETON],
+        "keypoints": list(COCO_KEYPOINT_NAMES),
+        "skeleton": [list(p) for p in COCO_SKELETON],
     }
 
 
@@ -656,7 +645,6 @@ def generate_synthetic_coco(
         raise ValueError(f"generate_synthetic_coco: seed must be a non-negative integer, got {seed!r}")
 
     out = Path(out_dir)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
     names = {c["id"]: c["name"] for c in categories()}
     info = {
         "description": f"megdet synthetic COCO-format dataset (seed {seed}, long side {image_size})",
@@ -673,14 +661,14 @@ def generate_synthetic_coco(
         for split_id, split in enumerate(_SPLITS):
             num = num_train if split == "train" else num_val
             offset = _VAL_ID_OFFSET if split == "val" else 0
-            (out / split).mkdir(exist_ok=True)
-            label_dir = out / STUFF_MAPS_DIR / split
+            files = split_files(out, split)
+            files.images.mkdir(parents=True, exist_ok=True)
             if stuff:
-                label_dir.mkdir(parents=True, exist_ok=True)
+                files.label_maps.mkdir(parents=True, exist_ok=True)
             image_ids = [offset + i + 1 for i in range(num)]
             jobs: list[_Job] = [
-                (seed, split_id, i, image_size, str(out / split / f"{iid:012d}.png"),
-                 str(label_dir / f"{iid:012d}.png") if stuff else None)
+                (seed, split_id, i, image_size, str(files.images / f"{iid:012d}.png"),
+                 str(files.label_maps / f"{iid:012d}.png") if stuff else None)
                 for i, iid in enumerate(image_ids)
             ]  # fmt: skip
             images: list[dict[str, Any]] = []
@@ -697,13 +685,10 @@ def generate_synthetic_coco(
             persons = [a for a in anns if a["category_id"] == PERSON_CATEGORY_ID]
             instances = [{k: v for k, v in a.items() if k not in ("keypoints", "num_keypoints")} for a in anns]
             base = {"info": info, "licenses": licenses, "images": images}
-            _write_json(out / "annotations" / f"instances_{split}.json",
-                        {**base, "annotations": instances, "categories": categories()})  # fmt: skip
-            _write_json(out / "annotations" / f"person_keypoints_{split}.json",
-                        {**base, "annotations": persons, "categories": [_person_category()]})  # fmt: skip
+            _write_json(files.instances, {**base, "annotations": instances, "categories": categories()})
+            _write_json(files.keypoints, {**base, "annotations": persons, "categories": [_person_category()]})
             if stuff:
-                _write_json(out / "annotations" / f"stuff_{split}.json",
-                            {**base, "annotations": stuff_anns, "categories": stuff_categories()})  # fmt: skip
+                _write_json(files.stuff, {**base, "annotations": stuff_anns, "categories": stuff_categories()})
             sizes = {"small": 0, "medium": 0, "large": 0}
             for a in anns:
                 sizes["small" if a["area"] < _SMALL else "medium" if a["area"] < _LARGE else "large"] += 1

@@ -52,6 +52,7 @@ from megdet.checkpoint import (
     set_rng_state,
 )
 from megdet.config import Config, ConfigError, config_to_dict, dump_config, require_at_least, require_choice
+from megdet.data.layout import split_files
 from megdet.distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -434,7 +435,7 @@ def _eval_available(cfg: Config) -> str | None:
     """None when evaluation can run, else why not (one line)."""
     if cfg.test.eval_period < 0:
         return "test.eval_period < 0"
-    ann = Path(cfg.data.root) / "annotations" / f"instances_{cfg.data.val_split}.json"
+    ann = split_files(cfg.data.root, cfg.data.val_split).instances
     if not ann.is_file():
         return f"{ann} not found"
     return None

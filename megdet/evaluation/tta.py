@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import batched_nms, box_iou
 
+from megdet.config import Config
 from megdet.data.transforms import ResizeShortestEdge
 from megdet.modeling.semantic import SemanticContext, resize_logits
 
@@ -97,11 +98,6 @@ def merge_boxes(
         w = member.to(scores.dtype) * scores[None, :]
         kept_boxes = (w @ boxes) / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return kept_boxes, kept_scores, kept_labels
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @dataclass
@@ -230,7 +226,7 @@ class MultiViewPredictor:
                 raise ValueError(
                     f"image {i}: expected a normalised float (3, H, W) tensor, got {img.dtype} {tuple(img.shape)}"
                 )
-        out_device = _device_of(self.models[0])
+        out_device = self.models[0].device
         origs = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         n = len(images)
         runs: list[_Run] = []
@@ -238,7 +234,7 @@ class MultiViewPredictor:
         for model in self.models:
             if model.training:
                 raise ValueError("MultiViewPredictor: call model.eval() on every model first")
-            device = _device_of(model)
+            device = model.device
             on_device = [img.to(device) for img in images]
             for v, view in enumerate(self.views):
                 batch, sizes = self._prepare(on_device, v, device)
@@ -303,7 +299,7 @@ class MultiViewPredictor:
         run they are its own detections, so its frame's boxes are taken as they are."""
         if single and flip == run.view.flip:
             return run.boxes
-        device = _device_of(run.model)
+        device = run.model.device
         return [
             _to_view(det["boxes"], orig, size, flip).to(device)
             for det, orig, size in zip(merged, origs, run.sizes)
@@ -319,7 +315,7 @@ class MultiViewPredictor:
             if run.model.roi_heads.mask_head is None:
                 continue
             count += 1
-            labels = [det["labels"].to(_device_of(run.model)) for det in merged]
+            labels = [det["labels"].to(run.model.device) for det in merged]
             boxes = self._view_boxes(run, merged, origs, run.view.flip, len(runs) == 1)
             for i, p in enumerate(run.model.roi_heads.mask_probs(run.features, boxes, labels, run.context)):
                 p = p.float().to(merged[i]["boxes"].device)
@@ -340,7 +336,7 @@ class MultiViewPredictor:
                 p = resize_logits(logits, run.context.stride, size, origs[i]).softmax(dim=0)
                 if run.view.flip:
                     p = p.flip(-1)
-                p = p.to(_device_of(runs[0].model))
+                p = p.to(runs[0].model.device)
                 acc[i] = p if acc[i] is None else acc[i] + p
         return [a / len(sem_runs) for a in acc]  # type: ignore[operator]
 
@@ -372,3 +368,25 @@ class MultiViewPredictor:
             kps[..., 0] *= origs[i][1] / size[1]
             kps[..., 1] *= origs[i][0] / size[0]
             det["keypoints"] = kps
+
+
+def multiview_predictor(
+    models: Sequence[nn.Module], cfg: Config, tta: bool, keypoint_flip_map: Sequence[int] | None = None
+) -> MultiViewPredictor:
+    """The TTA / ensemble predictor of ``cfg``: the views of ``test.tta`` when ``tta``, else the single
+    test view; ``test.tta.box_merge`` at the model's NMS threshold and detections per image."""
+    t = cfg.test.tta
+    views = (
+        tta_views(t.min_sizes, cfg.data.max_size_test, t.flip)
+        if tta
+        else [View(cfg.data.min_size_test, cfg.data.max_size_test, False)]
+    )
+    return MultiViewPredictor(
+        models,
+        views,
+        keypoint_flip_map=keypoint_flip_map,
+        box_merge=t.box_merge,
+        iou_thresh=cfg.model.roi.nms_thresh,
+        detections_per_img=cfg.model.roi.detections_per_img,
+        size_divisibility=cfg.data.size_divisibility,
+    )

@@ -72,6 +72,12 @@ class GeneralizedRCNN(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (CPU for a model without any)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     def rpn_proposals(self, images: Tensor, image_sizes: ImageSizes, features: list[Tensor]) -> list[Tensor]:
         """Inference proposals (one (Ni, 4) tensor per image) from already computed features."""
         if self.training:

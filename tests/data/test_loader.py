@@ -178,3 +178,20 @@ def test_normalized_zeroes_the_padding_of_each_image():
         assert not padded[:, h:, :].any() and not padded[:, :, w:].any()
     with pytest.raises(ValueError, match="expected uint8"):
         collate([(img.float(), t) for img, t in samples], pixel_stats=stats)
+
+
+def test_original_size_test_loader_normalises_only(tiny_coco) -> None:
+    from megdet.data.loader import _ignore_sigterm, build_test_dataset
+
+    cfg = _cfg(tiny_coco)
+    loader = build_test_loader(cfg, "val", rank=0, world_size=1, original_size=True)
+    assert loader.worker_init_fn is _ignore_sigterm  # as every loader's: workers outlive SIGTERM
+    batch = next(iter(loader))
+    dataset = build_test_dataset(cfg, "val")
+    assert batch.image_sizes == batch.original_sizes == [dataset.image_size(i) for i in range(len(batch))]
+    h, w = batch.image_sizes[0]
+    assert batch.images.shape[-2:] == tuple(max(s[i] for s in batch.image_sizes) for i in (0, 1))
+    pixels = torch.from_numpy(tiny_coco.pixels[batch.image_ids[0]]).permute(2, 0, 1).float() / 255
+    mean = torch.tensor(cfg.data.pixel_mean).view(3, 1, 1)
+    std = torch.tensor(cfg.data.pixel_std).view(3, 1, 1)
+    torch.testing.assert_close(batch.images[0, :, :h, :w], (pixels - mean) / std)

@@ -101,7 +101,8 @@ def test_two_processes_train_and_the_loss_falls(tiny_cfg, tmp_path, monkeypatch,
     # The evaluation at the end of the 2-process run (each rank one shard) is that of the saved model:
     # every rank evaluated with rank 0's BN statistics, not with its own last local update.
     if not device_args:
-        from megdet.evaluation.inference import evaluate_model, load_model_from_checkpoint
+        from megdet.evaluation.inference import evaluate_model
+        from megdet.evaluation.loading import load_model_from_checkpoint
 
         assert set(summaries[0]["summary"]["eval"]) == {"bbox"}
         model, model_cfg = load_model_from_checkpoint(out / "model_final.pt", None)

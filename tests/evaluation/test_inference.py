@@ -16,14 +16,9 @@ from megdet.checkpoint import CheckpointError, save_checkpoint
 from megdet.config import config_to_dict
 from megdet.data.errors import DatasetError
 from megdet.data.synthetic import generate_synthetic_coco
-from megdet.evaluation.inference import (
-    category_info,
-    evaluate_model,
-    load_model_and_metadata,
-    load_model_from_checkpoint,
-    predict_image,
-    read_image,
-)
+from megdet.evaluation.inference import evaluate_model
+from megdet.evaluation.loading import load_model_and_metadata, load_model_from_checkpoint
+from megdet.evaluation.predict import category_info, predict_image, read_image
 from megdet.modeling import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

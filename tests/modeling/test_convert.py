@@ -18,7 +18,7 @@ import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from megdet.config import apply_overrides, load_config
-from megdet.evaluation.inference import predict_image
+from megdet.evaluation.predict import predict_image
 from megdet.modeling.backbone import RESNETS, ResNetBody, load_backbone_weights
 from megdet.modeling.convert import WeightsError, convert_state, load_converted, read_weights, resnet_name
 from megdet.modeling.convert.checkpoint import SOURCE_SETTINGS, converted_checkpoint, source_config

@@ -90,9 +90,9 @@ def coco_categories() -> list[dict[str, Any]]:
 
 def person_category() -> list[dict[str, Any]]:
     """COCO's person with its 17 keypoints and skeleton (a keypoint R-CNN's one class)."""
-    from megdet.data.synthetic import KEYPOINT_NAMES, SKELETON
+    from megdet.data.layout import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
-    return [{"id": 1, "name": "person", "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in SKELETON]}]
+    return [{"id": 1, "name": "person", "keypoints": list(COCO_KEYPOINT_NAMES), "skeleton": [list(p) for p in COCO_SKELETON]}]
 
 
 def _count(state: dict, pattern: str) -> int:
