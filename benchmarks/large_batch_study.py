@@ -259,14 +259,14 @@ def resolve_runs(
 
     Raises a ValueError (ConfigError) naming the first run that cannot work, before any run starts.
     """
-    from megdet.engine.trainer import check_train_config, schedule_for
+    from megdet.engine.trainer import schedule_for
 
     out = {}
     for s in specs:
         cfg = load_config(config, [*common, *device_overrides(s.global_batch, device, processes), *s.overrides])
         nproc, _ = device_layout(s.global_batch, device, processes)
         try:
-            check_train_config(cfg, nproc)
+            cfg.validate(nproc)
         except ValueError as e:
             raise ValueError(f"{s.name}: {e}") from None
         out[s.name] = schedule_for(cfg, nproc, num_images)

@@ -90,6 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         from megdet.engine.trainer import resolved_schedule_text
 
+        cfg.validate(world)
         print(dump_config(cfg), end="")
         if args.num_images is not None and args.num_images < 1:
             raise CliError(f"--num-images: expected >= 1, got {args.num_images}")
@@ -99,9 +100,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and not in_worker():
         from megdet.distributed import launch_local
-        from megdet.engine.trainer import check_train_config
 
-        check_train_config(cfg, args.nproc)  # one line here rather than the same error from every worker
+        cfg.validate(args.nproc)  # one line here rather than the same error from every worker
         return launch_local(args.nproc, _strip_nproc(args.raw_argv))
     from megdet.engine.trainer import NonFiniteLossError, train
 

@@ -25,6 +25,51 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message is one line."""
 
 
+# --------------------------------------------------------------------------------------------------
+# The choices of the string-valued keys (the modules that implement them import these names)
+# --------------------------------------------------------------------------------------------------
+
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
+NORMS = ("FrozenBN", "BN", "GN", "CrossDeviceBN", "none")
+POOLERS = ("roialign", "prroi")
+BOX_HEADS = ("2fc", "4conv1fc")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
+POLICIES = ("step", "cosine")
+LR_SCALINGS = ("auto", "linear", "sqrt", "none")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("off", "bf16", "fp16")
+SUBLINEAR_MODES = ("off", "stages", "blocks", "nested")
+CHANNELS_LAST_MODES = ("auto", "on", "off")
+BOX_MERGES = ("nms", "vote")
+SEMANTIC_STRIDES = (4, 8, 16, 32)  # model.context.semantic_stride: the FPN levels P2..P5 the branch fuses
+# The label maps' "not labelled" value: semantic class ids lie below it (COCO-Stuff's 8-bit maps).
+IGNORE_LABEL = 255
+
+
+def semantic_num_classes(num_semantic_classes: int, num_thing_classes: int) -> int:
+    """``model.context.num_semantic_classes``, or when 0 (labels from the instance masks) background +
+    the ``num_thing_classes`` thing classes."""
+    return num_semantic_classes if num_semantic_classes > 0 else num_thing_classes + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers (shared with the constructors, which raise ValueErrors about their arguments)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_choice(
+    where: str, value: Any, options: Sequence[str], noun: str = "value", error: type[ValueError] = ValueError
+) -> None:
+    """Raises ``error("{where}: unknown {noun} '{value}'; choose one of ...")`` unless ``value`` is one of ``options``."""
+    if value not in options:
+        raise error(f"{where}: unknown {noun} '{value}'; choose one of {', '.join(options)}")
+
+
+def require_choice(key: str, value: str, options: Sequence[str], noun: str = "value") -> None:
+    """:func:`check_choice` for a config key: a ConfigError naming ``key``."""
+    check_choice(key, value, options, noun, ConfigError)
+
+
 def require_at_least(checks: Iterable[tuple[str, float, float]]) -> None:
     """ConfigError naming the first ``(key, value, low)`` whose value is below ``low``."""
     for key, value, low in checks:
@@ -32,10 +77,19 @@ def require_at_least(checks: Iterable[tuple[str, float, float]]) -> None:
             raise ConfigError(f"{key}: expected >= {low}, got {value}")
 
 
-def require_choice(key: str, value: str, options: Sequence[str], noun: str = "value") -> None:
-    """ConfigError naming ``key`` when ``value`` is not one of ``options``."""
-    if value not in options:
-        raise ConfigError(f"{key}: unknown {noun} '{value}'; choose one of {', '.join(options)}")
+def require(condition: bool, message: str) -> None:
+    """ConfigError with ``message`` (which names the key) unless ``condition``."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_unit_interval(checks: Iterable[tuple[str, float]]) -> None:
+    for key, value in checks:
+        require(0.0 <= value <= 1.0, f"{key}: expected a value in [0, 1], got {value}")
+
+
+def _require_positive_list(key: str, values: Sequence[float], what: str = "numbers") -> None:
+    require(bool(values) and min(values) > 0, f"{key}: expected a non-empty list of positive {what}, got {list(values)}")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -175,6 +229,29 @@ class ContextConfig:
     roi_features: bool = False  # the branch's features pooled per RoI, added to the box and mask heads'
     global_context: bool = False  # the branch's features averaged over the image, added to the box head's
 
+    def validate(self, num_classes: int, sem_seg_dir: str) -> None:
+        """One-line ConfigErrors for ``model.context.*`` values no model can use, given ``model.num_classes``
+        and ``data.sem_seg_dir``."""
+        require(self.semantic or not (self.roi_features or self.global_context),
+                "model.context.roi_features / global_context use the semantic branch's features; set"
+                " model.context.semantic=true")  # fmt: skip
+        if not self.semantic:
+            return
+        require(not sem_seg_dir or self.num_semantic_classes != 0,
+                "model.context.num_semantic_classes: set it (more than the largest id in the label maps of"
+                f" data.sem_seg_dir={sem_seg_dir}); 0 only works with labels built from instance masks")  # fmt: skip
+        require(self.semantic_stride in SEMANTIC_STRIDES,
+                f"model.context.semantic_stride: expected one of {list(SEMANTIC_STRIDES)}, got {self.semantic_stride}")  # fmt: skip
+        require_at_least([
+            ("model.context.num_semantic_classes", self.num_semantic_classes, 0),
+            ("model.context.semantic_convs", self.semantic_convs, 0),
+            ("model.context.semantic_dim", self.semantic_dim, 1),
+            ("model.context.semantic_loss_weight", self.semantic_loss_weight, 0.0),
+        ])  # fmt: skip
+        classes = semantic_num_classes(self.num_semantic_classes, num_classes)
+        require(2 <= classes <= IGNORE_LABEL,
+                f"model.context.num_semantic_classes: expected 2..{IGNORE_LABEL} classes, got {classes}")  # fmt: skip
+
 
 @dataclass
 class ModelConfig:
@@ -201,6 +278,71 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi: RoIConfig = field(default_factory=RoIConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+
+    def validate(self) -> None:
+        """One-line ConfigErrors for ``model.*`` values no detector can be built from (values of a head
+        that is off are not checked)."""
+        r, roi = self.rpn, self.roi
+        require_choice("model.norm", self.norm, NORMS, "norm")
+        require(self.norm != "none", "model.norm: the ResNet body needs a norm; choose FrozenBN, BN, GN or"
+                " CrossDeviceBN (model.head_norm=none leaves the FPN and heads without one)")  # fmt: skip
+        if self.head_norm:
+            require_choice("model.head_norm", self.head_norm, NORMS, "norm")
+        require_choice("model.backbone", self.backbone, BACKBONES)
+        require_choice("model.roi.pooler", roi.pooler, POOLERS)
+        require_choice("model.roi.box_head", roi.box_head, BOX_HEADS)
+        at_least = [
+            ("model.num_classes", self.num_classes, 1),
+            ("model.bn_group_size", self.bn_group_size, 0),
+            ("model.bn_group_images", self.bn_group_images, 0),
+            ("model.fpn_channels", self.fpn_channels, 1),
+            ("model.rpn.head_convs", r.head_convs, 1),
+            ("model.rpn.batch_size_per_image", r.batch_size_per_image, 1),
+            ("model.rpn.pre_nms_top_n_train", r.pre_nms_top_n_train, 1),
+            ("model.rpn.post_nms_top_n_train", r.post_nms_top_n_train, 1),
+            ("model.rpn.pre_nms_top_n_test", r.pre_nms_top_n_test, 1),
+            ("model.rpn.post_nms_top_n_test", r.post_nms_top_n_test, 1),
+            ("model.roi.box_head_dim", roi.box_head_dim, 1),
+            ("model.roi.box_conv_dim", roi.box_conv_dim, 1),
+            ("model.roi.box_pool_size", roi.box_pool_size, 1),
+            ("model.roi.batch_size_per_image", roi.batch_size_per_image, 1),
+            ("model.roi.detections_per_img", roi.detections_per_img, 1),
+            ("model.roi.max_mask_keypoint_rois", roi.max_mask_keypoint_rois, 0),
+            ("model.roi.sampling_ratio", roi.sampling_ratio, 0),
+        ]
+        if self.mask_on:
+            at_least += [("model.roi.mask_pool_size", roi.mask_pool_size, 1),
+                         ("model.roi.mask_head_convs", roi.mask_head_convs, 0),
+                         ("model.roi.mask_head_dim", roi.mask_head_dim, 1)]  # fmt: skip
+        if self.keypoint_on:
+            at_least += [("model.num_keypoints", self.num_keypoints, 1),
+                         ("model.roi.keypoint_pool_size", roi.keypoint_pool_size, 1),
+                         ("model.roi.keypoint_head_convs", roi.keypoint_head_convs, 0),
+                         ("model.roi.keypoint_head_dim", roi.keypoint_head_dim, 1),
+                         ("model.roi.keypoint_loss_weight", roi.keypoint_loss_weight, 0)]  # fmt: skip
+        require_at_least(at_least)
+        require(0 <= self.trainable_layers <= 5, f"model.trainable_layers: expected 0..5, got {self.trainable_layers}")
+        _require_positive_list("model.rpn.anchor_sizes", r.anchor_sizes)
+        _require_positive_list("model.rpn.aspect_ratios", r.aspect_ratios)
+        require(len(r.anchor_sizes) == 5, "model.rpn.anchor_sizes: expected 5 sizes, one per pyramid level"
+                f" P2..P6, got {list(r.anchor_sizes)}")  # fmt: skip
+        _require_unit_interval((
+            ("model.rpn.nms_thresh", r.nms_thresh),
+            ("model.rpn.fg_iou_thresh", r.fg_iou_thresh),
+            ("model.rpn.bg_iou_thresh", r.bg_iou_thresh),
+            ("model.rpn.positive_fraction", r.positive_fraction),
+            ("model.roi.fg_iou_thresh", roi.fg_iou_thresh),
+            ("model.roi.bg_iou_thresh", roi.bg_iou_thresh),
+            ("model.roi.positive_fraction", roi.positive_fraction),
+            ("model.roi.score_thresh", roi.score_thresh),
+            ("model.roi.nms_thresh", roi.nms_thresh),
+        ))  # fmt: skip
+        for part in ("rpn", "roi"):
+            fg, bg = getattr(self, part).fg_iou_thresh, getattr(self, part).bg_iou_thresh
+            require(bg <= fg, f"model.{part}.bg_iou_thresh: {bg} is above model.{part}.fg_iou_thresh {fg}")
+        weights = roi.bbox_reg_weights
+        require(len(weights) == 4 and min(weights) > 0,
+                f"model.roi.bbox_reg_weights: expected 4 positive numbers, got {list(weights)}")  # fmt: skip
 
 
 @dataclass
@@ -248,6 +390,22 @@ class DataConfig:
     allow_outside_images: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
 
+    def validate(self) -> None:
+        """One-line ConfigErrors for ``data.*`` values no loader or transform can work with."""
+        _require_positive_list("data.min_size_train", self.min_size_train, "sizes")
+        require_at_least((
+            ("data.images_per_device", self.images_per_device, 1),
+            ("data.num_workers", self.num_workers, 0),
+            ("data.max_size_train", self.max_size_train, 1),
+            ("data.min_size_test", self.min_size_test, 1),
+            ("data.max_size_test", self.max_size_test, 1),
+            ("data.size_divisibility", self.size_divisibility, 0),
+        ))  # fmt: skip
+        _require_unit_interval([("data.flip_prob", self.flip_prob)])
+        for key, values in (("data.pixel_mean", self.pixel_mean), ("data.pixel_std", self.pixel_std)):
+            require(len(values) == 3, f"{key}: expected 3 values (R, G, B), got {list(values)}")
+        require(min(self.pixel_std) > 0, f"data.pixel_std: expected positive values, got {list(self.pixel_std)}")
+
 
 @dataclass
 class SolverConfig:
@@ -280,6 +438,39 @@ class SolverConfig:
     warmup_iters: int = -1  # -1: derived from the global batch (engine/lr_policy.py documents the rule)
     min_lr_factor: float = 0.0  # cosine floor, as a fraction of the scaled lr
 
+    def validate(self) -> None:
+        """One-line ConfigErrors for ``solver.*`` values no schedule or optimizer can be built from
+        (needs neither the data set nor the device count)."""
+        require(self.base_lr > 0, f"solver.base_lr: expected > 0, got {self.base_lr}")
+        require(self.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {self.reference_batch}")
+        require_choice("solver.policy", self.policy, POLICIES, "policy")
+        require_choice("solver.lr_scaling", self.lr_scaling, LR_SCALINGS, "lr scaling rule")
+        self.validate_optimizer()
+        require(0 < self.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {self.warmup_factor}")
+        require(self.warmup_iters >= -1,
+                f"solver.warmup_iters: expected -1 (automatic) or >= 0, got {self.warmup_iters}")  # fmt: skip
+        require(0 <= self.min_lr_factor <= 1, f"solver.min_lr_factor: expected in [0, 1], got {self.min_lr_factor}")
+        require(self.epochs > 0, f"solver.epochs: expected > 0, got {self.epochs}")
+        decay = list(self.decay_epochs) if self.policy == "step" else []
+        require(all(0 < d < self.epochs for d in decay),
+                f"solver.decay_epochs: each must lie strictly between 0 and solver.epochs={self.epochs:g}, got {decay}")  # fmt: skip
+        require(decay == sorted(decay), f"solver.decay_epochs: must be in increasing order, got {decay}")
+        require(len(decay) <= len(self.decay_factors),
+                f"solver.decay_factors: {len(self.decay_factors)} factor(s) for {len(decay)} decay epoch(s);"
+                " give at least one factor per entry of solver.decay_epochs")  # fmt: skip
+        require(all(f > 0 for f in self.decay_factors[: len(decay)]),
+                f"solver.decay_factors: expected positive factors, got {self.decay_factors}")  # fmt: skip
+
+    def validate_optimizer(self) -> None:
+        """The part of :meth:`validate` that building the optimizer needs."""
+        require_choice("solver.optimizer", self.optimizer, OPTIMIZERS, "optimizer")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"solver.betas: expected two values in [0, 1), got {self.betas}")  # fmt: skip
+        require(self.trust_coefficient > 0, f"solver.trust_coefficient: expected > 0, got {self.trust_coefficient}")
+        require(0 <= self.momentum < 1, f"solver.momentum: expected a value in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, f"solver.weight_decay: expected >= 0, got {self.weight_decay}")
+        require(self.weight_decay_norm >= 0, f"solver.weight_decay_norm: expected >= 0, got {self.weight_decay_norm}")
+
 
 @dataclass
 class TrainConfig:
@@ -298,6 +489,21 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_period: int = 20
     max_iters: int = -1  # -1: from solver.epochs; a positive value overrides (for short runs)
+
+    def validate(self) -> None:
+        """One-line ConfigErrors for ``train.*`` values no run can work with (``train.device`` is
+        checked where it is resolved: :func:`megdet.distributed.resolve_device`)."""
+        require(self.max_iters == -1 or self.max_iters >= 1,
+                f"train.max_iters: expected -1 (from solver.epochs) or >= 1, got {self.max_iters}")  # fmt: skip
+        require_choice("train.amp", self.amp, AMP_MODES, "mode")
+        require_choice("train.sublinear_memory", self.sublinear_memory, SUBLINEAR_MODES, "mode")
+        require_choice("train.channels_last", self.channels_last, CHANNELS_LAST_MODES, "mode")
+        require_at_least((
+            ("train.grad_accum_steps", self.grad_accum_steps, 1),
+            ("train.checkpoint_period", self.checkpoint_period, 1),
+            ("train.log_period", self.log_period, 1),
+        ))  # fmt: skip
+        require(self.grad_clip >= 0, f"train.grad_clip: expected >= 0 (0 disables), got {self.grad_clip}")
 
 
 @dataclass
@@ -318,6 +524,13 @@ class TestConfig:
     tta: TTAConfig = field(default_factory=TTAConfig)
     max_images: int = -1  # -1: the whole split
 
+    def validate(self, tta: bool = False) -> None:
+        """One-line ConfigErrors for ``test.*`` values evaluation cannot use (``test.tta.*`` when ``tta``)."""
+        require_at_least([("test.images_per_device", self.images_per_device, 1)])
+        if tta:
+            _require_positive_list("test.tta.min_sizes", self.tta.min_sizes, "sizes")
+            require_choice("test.tta.box_merge", self.tta.box_merge, BOX_MERGES)
+
 
 @dataclass
 class Config:
@@ -328,6 +541,36 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Every section, and what two sections decide together: the one-line ConfigErrors a training run
+        raises before any data is read or layer built; with ``world_size``, also what cannot work on that
+        many devices (the local launcher checks it before it starts any worker)."""
+        self.validate_model()
+        self.data.validate()
+        self.solver.validate()
+        self.test.validate()
+        if world_size is not None:
+            self.validate_world_size(world_size)
+        self.train.validate()
+
+    def validate_model(self) -> None:
+        """``model.*`` (:meth:`ModelConfig.validate`, :meth:`ContextConfig.validate`) and its fit with the
+        data section."""
+        self.model.validate()
+        m, ipd = self.model, self.data.images_per_device
+        require(m.bn_group_images == 0 or ipd % m.bn_group_images == 0,
+                f"model.bn_group_images={m.bn_group_images} does not divide data.images_per_device={ipd};"
+                " choose a divisor")  # fmt: skip
+        m.context.validate(m.num_classes, self.data.sem_seg_dir)
+
+    def validate_world_size(self, world_size: int) -> None:
+        """What cannot work on ``world_size`` devices: cross-device BN groups that do not divide it."""
+        group_size = self.model.bn_group_size
+        cross_device = "CrossDeviceBN" in (self.model.norm, self.model.head_norm)
+        require(not (cross_device and group_size > 0 and world_size % group_size),
+                f"model.bn_group_size={group_size}: the world size {world_size} is not divisible by it;"
+                f" choose a divisor of {world_size} (0 = all ranks)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,9 +123,7 @@ def run_demo(
     train_dir = out / "train"
     overrides = list(overrides)
     cfg = load_config(config, [*overrides, f"train.out_dir={train_dir}"])
-    from megdet.engine.trainer import check_train_config
-
-    check_train_config(cfg, nproc)  # before deleting the last demo's outputs or generating data
+    cfg.validate(nproc)  # before deleting the last demo's outputs or generating data
     for name in _OUTPUTS:
         if (out / name).exists():
             shutil.rmtree(out / name)

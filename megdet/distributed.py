@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megdet.config import ConfigError, require_choice
+from megdet.config import DEVICES, ConfigError, check_choice, require_choice
 
-DEVICES = ("auto", "cpu", "cuda")
 SHUTDOWN_GRACE_S = 300  # seconds local workers get to stop after SIGTERM before the launcher kills them
 
 
@@ -90,10 +89,9 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, 
         dev = torch.device("cpu")
         if local_world > 1:
             torch.set_num_threads(max(1, _cpu_count() // local_world))
+    check_choice("init_distributed", backend, ("auto", "gloo", "nccl"), "backend", ConfigError)
     if backend == "auto":
         backend = "nccl" if kind == "cuda" else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ConfigError(f"distributed backend '{backend}': choose auto, gloo or nccl")
     if backend == "nccl" and kind != "cuda":
         raise ConfigError("the nccl backend needs CUDA devices; use gloo (or backend=auto) on CPU")
     if world > 1 and not dist.is_initialized():

@@ -1,5 +1,6 @@
 """The config system: YAML loading, `base:` inheritance, overrides, and its one-line errors."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,36 @@ def test_every_shipped_config_loads() -> None:
     files = sorted((REPO / "configs").glob("*.yaml"))
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.norm=none"], "model.norm: the ResNet body needs a norm"),
+        (["model.rpn.anchor_sizes=[32,64,128]"], "model.rpn.anchor_sizes: expected 5 sizes, one per pyramid level"),
+        (["model.rpn.bg_iou_thresh=0.8"], "model.rpn.bg_iou_thresh: 0.8 is above model.rpn.fg_iou_thresh 0.7"),
+        (["model.keypoint_on=true", "model.roi.keypoint_loss_weight=-1"], "model.roi.keypoint_loss_weight: expected >= 0"),
+        (["model.bn_group_images=3"], "model.bn_group_images=3 does not divide data.images_per_device=2"),
+        (["train.channels_last=yes"], "train.channels_last: unknown mode 'yes'; choose one of auto, on, off"),
+        (["train.max_iters=0"], "train.max_iters: expected -1 (from solver.epochs) or >= 1, got 0"),
+    ],
+)
+def test_each_section_validates_itself(overrides: list[str], message: str) -> None:
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cfg.validate()
+    load_config(None, []).validate(world_size=8)
+
+
+def test_world_size_checks_and_the_shared_choice_helper() -> None:
+    from megdet.config import BACKBONES, check_choice
+    from megdet.modeling.backbone import RESNETS
+
+    cfg = load_config(None, ["model.norm=CrossDeviceBN", "model.bn_group_size=4"])
+    cfg.validate(world_size=8)
+    with pytest.raises(ConfigError, match="model.bn_group_size=4: the world size 6 is not divisible"):
+        cfg.validate(world_size=6)
+    with pytest.raises(ValueError, match="^Thing: unknown colour 'red'; choose one of blue, green$") as e:
+        check_choice("Thing", "red", ("blue", "green"), "colour")
+    assert type(e.value) is ValueError
+    assert tuple(RESNETS) == BACKBONES  # every backbone name the config accepts has a constructor

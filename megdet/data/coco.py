@@ -22,6 +22,7 @@ import pycocotools.mask as mask_utils
 import torch
 from torchvision import tv_tensors
 
+from megdet.config import semantic_num_classes
 from megdet.data import semantic
 from megdet.data.errors import DatasetError
 from megdet.data.images import read_image_size, read_rgb
@@ -131,7 +132,7 @@ class CocoDetection(torch.utils.data.Dataset):
             else None
         )
         self._read_categories(inst, kp)
-        self.num_semantic_classes = semantic.semantic_num_classes(num_semantic_classes, len(self.coco_category_ids))
+        self.num_semantic_classes = semantic_num_classes(num_semantic_classes, len(self.coco_category_ids))
         images = self._read_images(inst)
 
         # Annotations per image (crowd and degenerate ones left out), keypoints joined by id.

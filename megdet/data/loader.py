@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megdet.config import Config, ConfigError, require_at_least
+from megdet.config import Config, ConfigError
 from megdet.data.layout import split_files
 from megdet.data.sampler import InferenceSampler, TrainingBatchSampler
 from megdet.data.transforms import Compose, Normalize, build_transforms
@@ -258,29 +258,6 @@ def _normalizes(dataset: Any) -> bool:
 def build_test_dataset(cfg: Config, split: str) -> CocoDetection:
     """Split ``split`` (all images kept) with test transforms."""
     return _build_dataset(cfg, split, train=False)
-
-
-def check_data_config(cfg: Config) -> None:
-    """One-line ConfigErrors for ``data.*`` values no loader or transform can work with (checked before
-    anything is read, so the message names the key rather than coming from deep inside a transform)."""
-    d = cfg.data
-    if not d.min_size_train or min(d.min_size_train) < 1:
-        raise ConfigError(f"data.min_size_train: expected a non-empty list of positive sizes, got {list(d.min_size_train)}")
-    require_at_least((
-        ("data.images_per_device", d.images_per_device, 1),
-        ("data.num_workers", d.num_workers, 0),
-        ("data.max_size_train", d.max_size_train, 1),
-        ("data.min_size_test", d.min_size_test, 1),
-        ("data.max_size_test", d.max_size_test, 1),
-        ("data.size_divisibility", d.size_divisibility, 0),
-    ))  # fmt: skip
-    if not 0.0 <= d.flip_prob <= 1.0:
-        raise ConfigError(f"data.flip_prob: expected a value in [0, 1], got {d.flip_prob}")
-    for key, values in (("data.pixel_mean", d.pixel_mean), ("data.pixel_std", d.pixel_std)):
-        if len(values) != 3:
-            raise ConfigError(f"{key}: expected 3 values (R, G, B), got {list(values)}")
-    if min(d.pixel_std) <= 0:
-        raise ConfigError(f"data.pixel_std: expected positive values, got {list(d.pixel_std)}")
 
 
 def _ignore_sigterm(worker_id: int) -> None:

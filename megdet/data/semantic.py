@@ -19,11 +19,11 @@ import numpy as np
 import PIL
 import PIL.Image
 
+from megdet.config import IGNORE_LABEL
 from megdet.data.errors import DatasetError
 from megdet.data.layout import stuff_json_for
 from megdet.data.validate import category_name
 
-IGNORE_LABEL = 255
 # Pillow modes whose pixel values are the stored integers (P: palette indices, as written by
 # save_label_map; the palette only colours the file for viewing).
 _INTEGER_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
@@ -135,12 +135,6 @@ def save_label_map(labels: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
-
-
-def semantic_num_classes(num_semantic_classes: int, num_thing_classes: int) -> int:
-    """``model.context.num_semantic_classes``, or when 0 (labels from the instance masks) background +
-    the ``num_thing_classes`` thing classes."""
-    return num_semantic_classes if num_semantic_classes > 0 else num_thing_classes + 1
 
 
 def check_label_maps(

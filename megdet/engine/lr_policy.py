@@ -75,15 +75,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from megdet.config import ConfigError, SolverConfig, require_choice
+from megdet.config import ConfigError, SolverConfig
 from megdet.engine.layerwise import LAMB, LARS
 
 WARMUP_IMAGES = 16_000
 MIN_WARMUP_ITERS = 50
 MAX_WARMUP_FRACTION = 0.25
-POLICIES = ("step", "cosine")
-OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
-SCALINGS = ("auto", "linear", "sqrt", "none")
 ADAPTIVE_OPTIMIZERS = ("adamw", "lamb")  # Adam-type: square-root scaling under lr_scaling=auto
 
 
@@ -147,61 +144,6 @@ def _iters_per_epoch(num_images: int, global_batch: int) -> int:
     return int(iters_per_epoch(num_images, global_batch))
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _check_optimizer(s: SolverConfig) -> None:
-    # Both entry points check it: build_optimizer is also called without resolve_schedule.
-    require_choice("solver.optimizer", s.optimizer, OPTIMIZERS, "optimizer")
-    _check(
-        len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas),
-        f"solver.betas: expected two values in [0, 1), got {s.betas}",
-    )
-    _check(s.trust_coefficient > 0, f"solver.trust_coefficient: expected > 0, got {s.trust_coefficient}")
-    _check(0 <= s.momentum < 1, f"solver.momentum: expected a value in [0, 1), got {s.momentum}")
-    _check(s.weight_decay >= 0, f"solver.weight_decay: expected >= 0, got {s.weight_decay}")
-    _check(s.weight_decay_norm >= 0, f"solver.weight_decay_norm: expected >= 0, got {s.weight_decay_norm}")
-
-
-def check_solver_config(s: SolverConfig) -> None:
-    """One-line ConfigErrors for ``solver.*`` values no schedule or optimizer can be built from.
-
-    Needs neither the data set nor the device count, so a run can check it before reading any data.
-    """
-    _check(s.base_lr > 0, f"solver.base_lr: expected > 0, got {s.base_lr}")
-    _check(s.reference_batch >= 1, f"solver.reference_batch: expected >= 1, got {s.reference_batch}")
-    require_choice("solver.policy", s.policy, POLICIES, "policy")
-    require_choice("solver.lr_scaling", s.lr_scaling, SCALINGS, "lr scaling rule")
-    _check_optimizer(s)
-    _check(0 < s.warmup_factor <= 1, f"solver.warmup_factor: expected in (0, 1], got {s.warmup_factor}")
-    _check(
-        s.warmup_iters >= -1, f"solver.warmup_iters: expected -1 (automatic) or >= 0, got {s.warmup_iters}"
-    )
-    _check(0 <= s.min_lr_factor <= 1, f"solver.min_lr_factor: expected in [0, 1], got {s.min_lr_factor}")
-    _check(s.epochs > 0, f"solver.epochs: expected > 0, got {s.epochs}")
-    decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
-    _check(
-        all(0 < d < s.epochs for d in decay_epochs),
-        f"solver.decay_epochs: each must lie strictly between 0 and solver.epochs={s.epochs:g},"
-        f" got {decay_epochs}",
-    )
-    _check(
-        decay_epochs == sorted(decay_epochs),
-        f"solver.decay_epochs: must be in increasing order, got {decay_epochs}",
-    )
-    _check(
-        len(decay_epochs) <= len(s.decay_factors),
-        f"solver.decay_factors: {len(s.decay_factors)} factor(s) for {len(decay_epochs)} decay epoch(s);"
-        " give at least one factor per entry of solver.decay_epochs",
-    )
-    _check(
-        all(f > 0 for f in s.decay_factors[: len(decay_epochs)]),
-        f"solver.decay_factors: expected positive factors, got {s.decay_factors}",
-    )
-
-
 def resolve_schedule(
     solver_cfg: SolverConfig,
     world_size: int,
@@ -221,15 +163,20 @@ def resolve_schedule(
         max_iters: ``train.max_iters``; positive values replace the length derived from the epochs.
 
     Raises:
-        ConfigError: one line naming the offending key.
+        ConfigError: a ``solver.*`` value no schedule can be built from (:meth:`SolverConfig.validate`),
+            or a training split without images; one line naming the key.
+        ValueError: a count below 1 (``max_iters``: -1 or >= 1).
     """
     s = solver_cfg
-    _check(world_size >= 1, f"world size must be >= 1, got {world_size}")
-    _check(images_per_device >= 1, f"data.images_per_device: expected >= 1, got {images_per_device}")
-    _check(grad_accum_steps >= 1, f"train.grad_accum_steps: expected >= 1, got {grad_accum_steps}")
-    _check(num_images >= 1, "the training split has no images; check data.root and data.train_split")
-    check_solver_config(s)
-    _check(max_iters == -1 or max_iters >= 1, f"train.max_iters: expected -1 or >= 1, got {max_iters}")
+    for name, value in (("world_size", world_size), ("images_per_device", images_per_device),
+                        ("grad_accum_steps", grad_accum_steps)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"resolve_schedule: {name} must be >= 1, got {value}")
+    if max_iters != -1 and max_iters < 1:
+        raise ValueError(f"resolve_schedule: max_iters must be -1 or >= 1, got {max_iters}")
+    if num_images < 1:
+        raise ConfigError("the training split has no images; check data.root and data.train_split")
+    s.validate()
     decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
 
     global_batch = world_size * images_per_device * grad_accum_steps
@@ -412,7 +359,7 @@ def build_optimizer(
     layer-wise adaptive forms LARS and LAMB (:mod:`megdet.engine.layerwise`); ``solver.weight_decay_norm``
     (default 0) for norm parameters and all biases. ``betas``: the schedule's (``ScheduleInfo.betas``,
     which :func:`scaled_betas` derives from the batch); default ``solver.betas``."""
-    _check_optimizer(solver_cfg)
+    solver_cfg.validate_optimizer()
     groups = param_groups(model, solver_cfg.weight_decay, solver_cfg.weight_decay_norm)
     if not groups:
         raise ConfigError("the model has no trainable parameters; check model.trainable_layers")

@@ -51,7 +51,7 @@ from megdet.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from megdet.config import Config, ConfigError, config_to_dict, dump_config, require_at_least, require_choice
+from megdet.config import Config, ConfigError, config_to_dict, dump_config
 from megdet.data.layout import split_files
 from megdet.distributed import (
     all_gather_object,
@@ -64,15 +64,11 @@ from megdet.engine.lr_policy import (
     LRScheduler,
     ScheduleInfo,
     build_optimizer,
-    check_solver_config,
     plot_schedule,
     resolve_schedule,
 )
 from megdet.files import write_text_atomic
 from megdet.layers import CrossDeviceBatchNorm2d
-
-AMP_MODES = ("off", "bf16", "fp16")
-SUBLINEAR_MODES = ("off", "stages", "blocks", "nested")
 
 # Sublinear memory targets, relative to the detector. Backbone stages are the backbone module's own
 # RECOMPUTE_STAGES; the RoI head towers are the conv/fc stacks between pooler and predictor, and the
@@ -94,45 +90,6 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Configuration checks and the resolved schedule
 # --------------------------------------------------------------------------------------------------
-
-
-def check_train_config(cfg: Config, world_size: int | None = None) -> None:
-    """One-line ConfigErrors for train.*, solver.*, model.*, data.* and test.* values that cannot work,
-    raised before any data is read or layer built; with ``world_size``, also those that cannot work on
-    that many devices (the local launcher checks them before it starts any worker)."""
-    from megdet.data.loader import check_data_config
-    from megdet.evaluation.inference import check_test_config
-    from megdet.modeling.detector import check_model_config
-
-    check_model_config(cfg)
-    check_data_config(cfg)
-    check_solver_config(cfg.solver)
-    check_test_config(cfg)
-    if world_size is not None:
-        _check_bn_group_size(cfg, world_size)
-    t = cfg.train
-    if t.max_iters == 0 or t.max_iters < -1:
-        raise ConfigError(f"train.max_iters: expected -1 (from solver.epochs) or >= 1, got {t.max_iters}")
-    require_choice("train.amp", t.amp, AMP_MODES, "mode")
-    require_choice("train.sublinear_memory", t.sublinear_memory, SUBLINEAR_MODES, "mode")
-    require_choice("train.channels_last", t.channels_last, ("auto", "on", "off"), "mode")
-    require_at_least((
-        ("train.grad_accum_steps", t.grad_accum_steps, 1),
-        ("train.checkpoint_period", t.checkpoint_period, 1),
-        ("train.log_period", t.log_period, 1),
-    ))  # fmt: skip
-    if t.grad_clip < 0:
-        raise ConfigError(f"train.grad_clip: expected >= 0 (0 disables), got {t.grad_clip}")
-
-
-def _check_bn_group_size(cfg: Config, world_size: int) -> None:
-    group_size = cfg.model.bn_group_size
-    cross_device = "CrossDeviceBN" in (cfg.model.norm, cfg.model.head_norm)
-    if cross_device and group_size > 0 and world_size % group_size:
-        raise ConfigError(
-            f"model.bn_group_size={group_size}: the world size {world_size} is not divisible by it;"
-            f" choose a divisor of {world_size} (0 = all ranks)"
-        )
 
 
 def schedule_for(cfg: Config, world_size: int, num_images: int) -> ScheduleInfo:
@@ -519,7 +476,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         NonFiniteLossError: a loss became NaN/inf; nothing was saved for that iteration.
     """
     created_group = not torch.distributed.is_initialized()
-    check_train_config(cfg)
+    cfg.validate()
     rank, world, local_rank, device = init_distributed(device=cfg.train.device)
     try:
         return _run(cfg, resume, rank, world, local_rank, device)
@@ -537,7 +494,7 @@ def _run(
     t = cfg.train
     main = rank == 0
     out_dir = Path(t.out_dir)
-    _check_bn_group_size(cfg, world)  # the rest of check_train_config ran before the group was set up
+    cfg.validate_world_size(world)  # the rest of cfg.validate() ran before the group was set up
     manager = CheckpointManager(out_dir, keep=t.keep_checkpoints)
 
     # ---- where to start -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from megdet.config import check_choice
 from megdet.data.validate import category_name
 from megdet.distributed import all_gather_object, get_rank
 
@@ -396,8 +397,7 @@ def evaluate_coco(
     ``keypoints`` in the GT file, with pycocotools' default OKS sigmas. ``image_ids`` restricts the
     evaluation to those images (default: all images of the GT file).
     """
-    if iou_type not in IOU_TYPES:
-        raise EvaluationError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
+    check_choice("evaluate_coco", iou_type, IOU_TYPES, "iou_type", EvaluationError)
     gt = load_coco_gt(coco_gt, quiet)
     if isinstance(results, (str, Path)):
         source = str(results)

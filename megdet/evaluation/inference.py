@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from megdet.config import Config, ConfigError, require_at_least, require_choice
+from megdet.config import Config
 from megdet.data.layout import split_files
 from megdet.distributed import all_gather_object, unwrap_model
 
@@ -75,18 +75,6 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def check_test_config(cfg: Config, tta: bool = False) -> None:
-    """One-line ConfigErrors for ``test.*`` values (``test.tta.*`` when ``tta``) evaluation cannot use."""
-    from megdet.evaluation.tta import BOX_MERGES
-
-    t = cfg.test
-    require_at_least([("test.images_per_device", t.images_per_device, 1)])
-    if tta:
-        if not t.tta.min_sizes or min(t.tta.min_sizes) < 1:
-            raise ConfigError(f"test.tta.min_sizes: expected a non-empty list of positive sizes, got {list(t.tta.min_sizes)}")
-        require_choice("test.tta.box_merge", t.tta.box_merge, BOX_MERGES)
-
-
 def evaluate_model(
     model_or_models: nn.Module | Sequence[nn.Module],
     cfg: Config,
@@ -113,13 +101,13 @@ def evaluate_model(
     ``out_dir``, rank 0 writes ``coco_results_{task}.json``, ``eval.json`` and ``timing.json`` there.
     With ``progress``, rank 0 shows a progress bar and prints the timing and the AP table.
     """
-    from megdet.data.loader import check_data_config, num_test_images
+    from megdet.data.loader import num_test_images
     from megdet.evaluation.coco_eval import COCOEvaluator, EvaluationError, format_eval_table
     from megdet.evaluation.sem_seg_eval import semantic_evaluator
     from megdet.evaluation.tta import multiview_predictor
 
-    check_test_config(cfg, tta)
-    check_data_config(cfg)
+    cfg.test.validate(tta)
+    cfg.data.validate()
 
     models = [
         unwrap_model(m) for m in (model_or_models if isinstance(model_or_models, Sequence) else [model_or_models])

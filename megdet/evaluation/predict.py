@@ -138,17 +138,15 @@ def predict_files(
     same file name get ``NAME_1``, ``NAME_2``... outputs.
     """
     from megdet.data.errors import DatasetError
-    from megdet.data.loader import check_data_config
     from megdet.data.transforms import Normalize
-    from megdet.evaluation.inference import check_test_config
     from megdet.evaluation.tta import multiview_predictor
     from megdet.evaluation.visualize import draw_predictions, predictions_to_json, save_png
 
-    check_data_config(cfg)  # the test transform's sizes and normalisation
+    cfg.data.validate()  # the test transform's sizes and normalisation
     models = [unwrap_model(m) for m in model] if isinstance(model, Sequence) else [unwrap_model(model)]
     predictor = None
     if tta or len(models) > 1:
-        check_test_config(cfg, tta)
+        cfg.test.validate(tta)
         predictor = multiview_predictor([m.eval() for m in models], cfg, tta, keypoint_flip_map)
         normalize = Normalize(cfg.data.pixel_mean, cfg.data.pixel_std)
     missing = [Path(p) for p in image_paths if not Path(p).is_file()]

@@ -27,11 +27,9 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import batched_nms, box_iou
 
-from megdet.config import Config
+from megdet.config import BOX_MERGES, Config, check_choice
 from megdet.data.transforms import ResizeShortestEdge
 from megdet.modeling.semantic import SemanticContext, resize_logits
-
-BOX_MERGES = ("nms", "vote")
 
 Size = tuple[int, int]
 
@@ -87,8 +85,7 @@ def merge_boxes(
     which detections survive and their scores; each survivor's box becomes the score-weighted mean of
     itself and the same-class boxes it suppressed or could have suppressed (IoU > ``iou_thresh``).
     """
-    if method not in BOX_MERGES:
-        raise ValueError(f"box merge '{method}' is not one of {', '.join(BOX_MERGES)}")
+    check_choice("merge_boxes", method, BOX_MERGES, "method")
     keep = batched_nms(boxes, scores, labels, iou_thresh)[:max_detections]
     kept_boxes, kept_scores, kept_labels = boxes[keep], scores[keep], labels[keep]
     if method == "vote" and keep.numel():
@@ -145,8 +142,7 @@ class MultiViewPredictor:
     ) -> None:
         if not models or not views:
             raise ValueError("MultiViewPredictor needs at least one model and one view")
-        if box_merge not in BOX_MERGES:
-            raise ValueError(f"box merge '{box_merge}' is not one of {', '.join(BOX_MERGES)}")
+        check_choice("MultiViewPredictor", box_merge, BOX_MERGES, "box_merge")
         self.models = list(models)
         self.views = list(views)
         self.resizers = [ResizeShortestEdge([v.min_size], v.max_size) for v in self.views]

@@ -1,9 +1,10 @@
 """Normalisation layers by config name: the one place where ``model.norm`` strings become modules.
 
-Names: ``"FrozenBN"`` (torchvision's FrozenBatchNorm2d: fixed statistics and affine, no gradients),
-``"BN"`` (nn.BatchNorm2d, per-device statistics), ``"GN"`` (nn.GroupNorm with 32 groups, or the largest
-divisor of the channel count not above 32), ``"CrossDeviceBN"`` (statistics shared across devices,
-see :mod:`megdet.layers.cross_device_bn`), and ``""`` / ``"none"`` (nn.Identity).
+Names (:data:`megdet.config.NORMS`): ``"FrozenBN"`` (torchvision's FrozenBatchNorm2d: fixed statistics
+and affine, no gradients), ``"BN"`` (nn.BatchNorm2d, per-device statistics), ``"GN"`` (nn.GroupNorm with
+32 groups, or the largest divisor of the channel count not above 32), ``"CrossDeviceBN"`` (statistics
+shared across devices, see :mod:`megdet.layers.cross_device_bn`; all ranks share them until the
+detector sets its groups) and ``"none"`` (nn.Identity).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from collections.abc import Callable
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from megdet.config import NORMS, check_choice
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 
-__all__ = ["NORM_NAMES", "convert_frozen_batchnorm", "get_norm", "group_norm_groups", "norm_layer_factory"]
-
-NORM_NAMES: tuple[str, ...] = ("FrozenBN", "BN", "GN", "CrossDeviceBN", "", "none")
+__all__ = ["convert_frozen_batchnorm", "get_norm", "group_norm_groups", "norm_layer_factory"]
 
 _MAX_GROUPS = 32
 
@@ -30,22 +30,14 @@ def group_norm_groups(num_channels: int) -> int:
     return max(g for g in range(1, min(_MAX_GROUPS, num_channels) + 1) if num_channels % g == 0)
 
 
-def _check_name(name: str) -> None:
-    if name not in NORM_NAMES:
-        valid = ", ".join(repr(n) for n in NORM_NAMES)
-        raise ValueError(f"unknown norm {name!r} (model.norm); valid names: {valid}")
-
-
-def get_norm(name: str, num_channels: int, *, bn_group_size: int | None = None) -> nn.Module:
+def get_norm(name: str, num_channels: int) -> nn.Module:
     """A normalisation layer for `num_channels` channels of an (N, C, H, W) tensor.
 
     Args:
-        name: one of ``NORM_NAMES`` (see the module docstring).
+        name: one of :data:`megdet.config.NORMS` (see the module docstring).
         num_channels: channels of the normalised tensor.
-        bn_group_size: for ``"CrossDeviceBN"`` only, the number of consecutive ranks sharing
-            statistics (None: the whole world).
     """
-    _check_name(name)
+    check_choice("get_norm", name, NORMS, "norm")
     if name == "FrozenBN":
         return FrozenBatchNorm2d(num_channels)
     if name == "BN":
@@ -53,17 +45,22 @@ def get_norm(name: str, num_channels: int, *, bn_group_size: int | None = None) 
     if name == "GN":
         return nn.GroupNorm(group_norm_groups(num_channels), num_channels)
     if name == "CrossDeviceBN":
-        return CrossDeviceBatchNorm2d(num_channels, group_size=bn_group_size)
+        return CrossDeviceBatchNorm2d(num_channels)
     return nn.Identity()
 
 
-def norm_layer_factory(name: str, *, bn_group_size: int | None = None) -> Callable[[int], nn.Module]:
+def norm_layer_factory(name: str) -> Callable[[int], nn.Module]:
     """``num_channels -> norm module`` for `name`, as torchvision's ``norm_layer=`` arguments take it.
 
-    The name is checked here, so a bad config fails when the model is built, not at the first layer.
+    The name is checked here, so a bad name fails when the model is built, not at the first layer.
     """
-    _check_name(name)
-    return functools.partial(get_norm, name, bn_group_size=bn_group_size)
+    check_choice("norm_layer_factory", name, NORMS, "norm")
+    return functools.partial(get_norm, name)
+
+
+def norm_layer_or_none(name: str) -> Callable[[int], nn.Module] | None:
+    """``norm_layer=`` argument for torchvision modules: ``None`` for "none", so that convs keep their bias."""
+    return None if name == "none" else norm_layer_factory(name)
 
 
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from megdet.config import check_choice
+
 # Chunking: the padded-window waste tolerated inside one chunk (padded volume / real volume)
 # before starting a new one; the smallest chunk worth its own batched matmuls (few chunks means
 # few parallel regions, which matters on a busy machine); and a cap on the bytes of one chunk's
@@ -337,8 +339,7 @@ def _triton_available() -> bool:
 
 def _use_triton(impl: str, ref: Tensor) -> bool:
     """Whether ``impl`` selects the Triton kernels for features like ``ref``."""
-    if impl not in _IMPLS:
-        raise ValueError(f"prroi_pool: impl must be one of {_IMPLS}, got {impl!r}")
+    check_choice("prroi_pool", impl, _IMPLS, "impl")
     if impl == "torch":
         return False
     if impl == "triton":

@@ -18,9 +18,8 @@ from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from megdet.layers.norm import norm_layer_factory
-
-NORMS = ("FrozenBN", "BN", "GN", "CrossDeviceBN", "none")
+from megdet.config import NORMS, check_choice
+from megdet.layers.norm import norm_layer_factory, norm_layer_or_none
 
 
 def resnet10(*, weights: None = None, **kwargs: object) -> torchvision.models.ResNet:
@@ -35,7 +34,8 @@ def resnet10(*, weights: None = None, **kwargs: object) -> torchvision.models.Re
     return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
-# The explicit name -> constructor map (no registry): torchvision's ImageNet architectures.
+# The explicit name -> constructor map (no registry) of model.backbone's choices (config.BACKBONES):
+# torchvision's ImageNet architectures.
 RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet10": resnet10,
     "resnet18": torchvision.models.resnet18,
@@ -52,13 +52,6 @@ _STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "stem")
 RECOMPUTE_STAGES = ("body.stem", "body.layer1", "body.layer2", "body.layer3", "body.layer4", "fpn")
 
 
-def check_norm(norm: str, key: str = "model.norm") -> str:
-    """Returns ``norm`` if it names a supported normalisation, else a one-line ValueError naming ``key``."""
-    if norm not in NORMS:
-        raise ValueError(f"{key}: unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
-    return norm
-
-
 def default_head_norm(norm: str) -> str:
     """The norm used by the FPN and the heads when the model's norm is ``norm``.
 
@@ -66,13 +59,8 @@ def default_head_norm(norm: str) -> str:
     (a frozen identity affine would only cost time), so they get no norm -- torchvision's and
     detectron2's FrozenBN models do the same. Every other choice applies everywhere.
     """
-    return "none" if check_norm(norm) == "FrozenBN" else norm
-
-
-def norm_layer_or_none(norm: str) -> Callable[[int], nn.Module] | None:
-    """``norm_layer=`` argument for torchvision modules: ``None`` for "none" so convs keep their bias."""
-    check_norm(norm)
-    return None if norm == "none" else norm_layer_factory(norm)
+    check_choice("default_head_norm", norm, NORMS, "norm")
+    return "none" if norm == "FrozenBN" else norm
 
 
 class FoldedFrozenBN(FrozenBatchNorm2d):
@@ -136,7 +124,7 @@ def move_stride_to_1x1(net: torchvision.models.ResNet, name: str = "resnet") -> 
     """Moves every bottleneck's stride from its 3x3 conv (``conv2``) to its first 1x1 conv (``conv1``)."""
     blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
     if not all(isinstance(b, torchvision.models.resnet.Bottleneck) for b in blocks):
-        raise ValueError(f"model.stride_in_1x1: {name} has no bottleneck blocks (use resnet50 or deeper)")
+        raise ValueError(f"move_stride_to_1x1: {name} has no bottleneck blocks; stride_in_1x1 needs resnet50 or deeper")
     for block in blocks:
         block.conv1.stride, block.conv2.stride = block.conv2.stride, block.conv1.stride
 
@@ -171,14 +159,10 @@ class ResNetBody(nn.Module):
 
     def __init__(self, name: str, norm: str, trainable_layers: int = 5, stride_in_1x1: bool = False) -> None:
         super().__init__()
-        if name not in RESNETS:
-            raise ValueError(f"model.backbone: unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")
-        if check_norm(norm) == "none":
-            raise ValueError(
-                "model.norm: the ResNet body needs a norm; choose FrozenBN, BN, GN or CrossDeviceBN"
-            )
+        check_choice("ResNetBody", name, tuple(RESNETS), "name")
+        check_choice("ResNetBody", norm, [n for n in NORMS if n != "none"], "norm")
         if not 0 <= trainable_layers <= 5:
-            raise ValueError(f"model.trainable_layers: expected 0..5, got {trainable_layers}")
+            raise ValueError(f"ResNetBody: trainable_layers must be in 0..5, got {trainable_layers}")
         net = RESNETS[name](weights=None, norm_layer=norm_layer_factory(norm))
         if stride_in_1x1:
             move_stride_to_1x1(net, name)
@@ -225,7 +209,7 @@ class ResNetFPN(nn.Module):
             body.out_channels_list,
             fpn_channels,
             extra_blocks=LastLevelMaxPool(),
-            norm_layer=norm_layer_or_none(check_norm(fpn_norm, "fpn_norm")),
+            norm_layer=norm_layer_or_none(fpn_norm),
         )
         self.out_channels = fpn_channels
 

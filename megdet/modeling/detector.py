@@ -16,16 +16,15 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from megdet.config import Config, ConfigError, require_at_least, require_choice
+from megdet.config import Config
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
-from megdet.modeling.backbone import RESNETS, ResNetFPN, build_backbone, check_norm, default_head_norm
-from megdet.modeling.roi_heads import BOX_HEADS, POOLERS, BoxHead, KeypointHead, MaskHead, RoIHeads
+from megdet.modeling.backbone import ResNetFPN, build_backbone, default_head_norm
+from megdet.modeling.roi_heads import BoxHead, KeypointHead, MaskHead, RoIHeads
 from megdet.modeling.rpn import RPN
 from megdet.modeling.semantic import (
     SemanticBranch,
     SemanticContext,
     build_semantic_parts,
-    check_context_config,
     semantic_kwargs_from_config,
 )
 
@@ -156,81 +155,6 @@ def postprocess_detections(
 # --------------------------------------------------------------------------------------------------
 
 
-def check_model_config(cfg: Config) -> None:
-    """One-line ConfigErrors for ``model.*`` values no detector can be built from.
-
-    The parts check their own arguments too (as ValueErrors, for use without a config); checking here,
-    before anything is built, gives the command line a one-line error naming the key instead of a
-    traceback from deep inside a layer (e.g. a zero-width convolution for ``model.fpn_channels=0``).
-    """
-    m = cfg.model
-    r, roi = m.rpn, m.roi
-    try:
-        check_norm(m.norm)
-        if m.head_norm:
-            check_norm(m.head_norm, "model.head_norm")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    require_choice("model.backbone", m.backbone, tuple(RESNETS))
-    if m.bn_group_images > 0 and cfg.data.images_per_device % m.bn_group_images:
-        raise ConfigError(
-            f"model.bn_group_images={m.bn_group_images} does not divide data.images_per_device="
-            f"{cfg.data.images_per_device}; choose a divisor"
-        )
-    check_context_config(cfg)
-    require_choice("model.roi.pooler", roi.pooler, POOLERS)
-    require_choice("model.roi.box_head", roi.box_head, BOX_HEADS)
-    at_least = [
-        ("model.num_classes", m.num_classes, 1),
-        ("model.bn_group_size", m.bn_group_size, 0),
-        ("model.bn_group_images", m.bn_group_images, 0),
-        ("model.fpn_channels", m.fpn_channels, 1),
-        ("model.rpn.head_convs", r.head_convs, 1),
-        ("model.rpn.batch_size_per_image", r.batch_size_per_image, 1),
-        ("model.rpn.pre_nms_top_n_train", r.pre_nms_top_n_train, 1),
-        ("model.rpn.post_nms_top_n_train", r.post_nms_top_n_train, 1),
-        ("model.rpn.pre_nms_top_n_test", r.pre_nms_top_n_test, 1),
-        ("model.rpn.post_nms_top_n_test", r.post_nms_top_n_test, 1),
-        ("model.roi.box_head_dim", roi.box_head_dim, 1),
-        ("model.roi.box_conv_dim", roi.box_conv_dim, 1),
-        ("model.roi.box_pool_size", roi.box_pool_size, 1),
-        ("model.roi.batch_size_per_image", roi.batch_size_per_image, 1),
-        ("model.roi.detections_per_img", roi.detections_per_img, 1),
-        ("model.roi.max_mask_keypoint_rois", roi.max_mask_keypoint_rois, 0),
-        ("model.roi.sampling_ratio", roi.sampling_ratio, 0),
-    ]
-    if m.mask_on:
-        at_least += [("model.roi.mask_pool_size", roi.mask_pool_size, 1),
-                     ("model.roi.mask_head_convs", roi.mask_head_convs, 0),
-                     ("model.roi.mask_head_dim", roi.mask_head_dim, 1)]  # fmt: skip
-    if m.keypoint_on:
-        at_least += [("model.num_keypoints", m.num_keypoints, 1),
-                     ("model.roi.keypoint_pool_size", roi.keypoint_pool_size, 1),
-                     ("model.roi.keypoint_head_convs", roi.keypoint_head_convs, 0),
-                     ("model.roi.keypoint_head_dim", roi.keypoint_head_dim, 1)]  # fmt: skip
-    require_at_least(at_least)
-    if not 0 <= m.trainable_layers <= 5:
-        raise ConfigError(f"model.trainable_layers: expected 0..5, got {m.trainable_layers}")
-    for key, values in (("model.rpn.anchor_sizes", r.anchor_sizes), ("model.rpn.aspect_ratios", r.aspect_ratios)):
-        if not values or min(values) <= 0:
-            raise ConfigError(f"{key}: expected a non-empty list of positive numbers, got {list(values)}")
-    for key, value in (
-        ("model.rpn.nms_thresh", r.nms_thresh),
-        ("model.rpn.fg_iou_thresh", r.fg_iou_thresh),
-        ("model.rpn.bg_iou_thresh", r.bg_iou_thresh),
-        ("model.rpn.positive_fraction", r.positive_fraction),
-        ("model.roi.fg_iou_thresh", roi.fg_iou_thresh),
-        ("model.roi.bg_iou_thresh", roi.bg_iou_thresh),
-        ("model.roi.positive_fraction", roi.positive_fraction),
-        ("model.roi.score_thresh", roi.score_thresh),
-        ("model.roi.nms_thresh", roi.nms_thresh),
-    ):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}: expected a value in [0, 1], got {value}")
-    if len(roi.bbox_reg_weights) != 4 or min(roi.bbox_reg_weights) <= 0:
-        raise ConfigError(f"model.roi.bbox_reg_weights: expected 4 positive numbers, got {list(roi.bbox_reg_weights)}")
-
-
 def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
 
@@ -239,8 +163,8 @@ def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
     use ``model.head_norm``, or ``default_head_norm(norm)`` when it is empty.
     """
     m = cfg.model
-    check_model_config(cfg)
-    head_norm = check_norm(m.head_norm, "model.head_norm") if m.head_norm else default_head_norm(m.norm)
+    cfg.validate_model()
+    head_norm = m.head_norm or default_head_norm(m.norm)
     r, roi = m.rpn, m.roi
     pooler = {
         "pooler_type": roi.pooler,

@@ -9,9 +9,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from megdet.config import POOLERS, check_choice
 from megdet.layers.prroi_pool import prroi_pool, prroi_pool_levels
-
-POOLER_TYPES = ("roialign", "prroi")
 
 
 def assign_levels(
@@ -95,10 +94,7 @@ class MultiLevelPooler(nn.Module):
         aligned: bool = True,
     ) -> None:
         super().__init__()
-        if pooler_type not in POOLER_TYPES:
-            raise ValueError(
-                f"MultiLevelPooler: unknown pooler_type {pooler_type!r}; valid: {', '.join(POOLER_TYPES)}"
-            )
+        check_choice("MultiLevelPooler", pooler_type, POOLERS, "pooler_type")
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         self.output_size = (int(output_size[0]), int(output_size[1]))

@@ -29,7 +29,8 @@ from torchvision.ops import (
     remove_small_boxes,
 )
 
-from megdet.modeling.backbone import norm_layer_or_none
+from megdet.config import BOX_HEADS, check_choice
+from megdet.layers.norm import norm_layer_or_none
 from megdet.modeling.box_ops import (
     Proposals,
     encode,
@@ -45,24 +46,15 @@ from megdet.modeling.box_ops import (
 from megdet.modeling.poolers import MultiLevelPooler
 from megdet.modeling.semantic import RoIContext, SemanticContext
 
-POOLERS = ("roialign", "prroi")
-BOX_HEADS = ("2fc", "4conv1fc")
 # The pooled levels P2..P5 (P6 only feeds the RPN).
 POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 ImageSizes = Sequence[Sequence[int]]
 
 
-def _check_choice(value: str, options: Sequence[str], key: str) -> str:
-    if value not in options:
-        raise ValueError(f"{key}: unknown value '{value}'; choose one of {', '.join(options)}")
-    return value
-
-
 def _make_pooler(
     pool_size: int, scales: Sequence[float], sampling_ratio: int, pooler_type: str, aligned: bool = True
 ) -> nn.Module:
-    _check_choice(pooler_type, POOLERS, "model.roi.pooler")
     return MultiLevelPooler(
         pool_size, list(scales), sampling_ratio=sampling_ratio, pooler_type=pooler_type, aligned=aligned
     )
@@ -154,9 +146,9 @@ class BoxHead(nn.Module):
         context: RoIContext | None = None,
     ) -> None:
         super().__init__()
-        _check_choice(head_type, BOX_HEADS, "model.roi.box_head")
+        check_choice("BoxHead", head_type, BOX_HEADS, "head_type")
         if len(bbox_reg_weights) != 4:
-            raise ValueError(f"model.roi.bbox_reg_weights: expected 4 numbers, got {list(bbox_reg_weights)}")
+            raise ValueError(f"BoxHead: bbox_reg_weights must be 4 numbers, got {list(bbox_reg_weights)}")
         self.num_classes = num_classes
         self.num_levels = len(scales)
         self.pooler = _make_pooler(pool_size, scales, sampling_ratio, pooler_type, aligned)
@@ -370,7 +362,7 @@ class KeypointHead(nn.Module):
     ) -> None:
         super().__init__()
         if not loss_weight >= 0:
-            raise ValueError(f"model.roi.keypoint_loss_weight: expected a number >= 0, got {loss_weight}")
+            raise ValueError(f"KeypointHead: loss_weight must be a number >= 0, got {loss_weight}")
         self.num_levels = len(scales)
         self.num_keypoints = num_keypoints
         self.loss_weight = loss_weight
@@ -470,7 +462,7 @@ class RoIHeads(nn.Module):
         super().__init__()
         if max_mask_keypoint_rois < 0:
             raise ValueError(
-                f"model.roi.max_mask_keypoint_rois: expected 0 (all) or a positive count, got {max_mask_keypoint_rois}"
+                f"RoIHeads: max_mask_keypoint_rois must be 0 (all) or a positive count, got {max_mask_keypoint_rois}"
             )
         self.box_head = box_head
         self.mask_head = mask_head

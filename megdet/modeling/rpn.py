@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
+from megdet.config import NORMS, check_choice
 from megdet.layers.norm import get_norm
-from megdet.modeling.backbone import check_norm
 from megdet.modeling.box_ops import (
     Proposals,
     decode,
@@ -45,7 +45,7 @@ class RPNHead(nn.Module):
 
     def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1, norm: str = "none") -> None:
         super().__init__()
-        check_norm(norm, "rpn norm")
+        check_choice("RPNHead", norm, NORMS, "norm")
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=norm == "none") for _ in range(conv_depth)
         )
@@ -123,8 +123,7 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
             self.cell_anchors = [exact_cell_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]
         if len(strides) != len(sizes):
             raise ValueError(
-                f"model.rpn.anchor_sizes: {len(sizes)} sizes but the backbone has {len(strides)} levels "
-                "(give one size per level, P2..P6)"
+                f"FixedStrideAnchorGenerator: {len(sizes)} sizes for {len(strides)} strides (one size per level)"
             )
         self.strides = [int(s) for s in strides]
         self.cache_size = cache_size
@@ -259,10 +258,7 @@ class RPN(nn.Module):
         padded: bool = False,
     ) -> tuple[list[Tensor] | Proposals, dict[str, Tensor]]:
         if len(features) != self.num_levels:
-            raise ValueError(
-                f"RPN: got {len(features)} feature maps but model.rpn.anchor_sizes has "
-                f"{self.num_levels} entries"
-            )
+            raise ValueError(f"RPN: got {len(features)} feature maps for {self.num_levels} anchor sizes (one per level)")
         if self.training and targets is None:
             raise ValueError("RPN: targets are required in training mode (call model.eval() for inference)")
         if len(image_sizes) != features[0].shape[0]:

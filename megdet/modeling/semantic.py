@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, roi_align
 
-from megdet.config import Config, ConfigError, require_at_least
-from megdet.data.semantic import IGNORE_LABEL, semantic_num_classes
+from megdet.config import IGNORE_LABEL, SEMANTIC_STRIDES, Config, semantic_num_classes
 from megdet.modeling.backbone import norm_layer_or_none
 from megdet.modeling.poolers import MultiLevelPooler
 
 # The strides of the pyramid levels the branch fuses (P2..P5; P6 only feeds the RPN).
-FUSED_STRIDES = (4, 8, 16, 32)
+FUSED_STRIDES = SEMANTIC_STRIDES
 
 ImageSizes = Sequence[Sequence[int]]
 
@@ -78,11 +77,11 @@ class SemanticBranch(nn.Module):
     ) -> None:
         super().__init__()
         if stride not in in_strides:
-            raise ValueError(f"model.context.semantic_stride: expected one of {list(in_strides)}, got {stride}")
+            raise ValueError(f"SemanticBranch: stride must be one of {list(in_strides)}, got {stride}")
         if num_classes < 2 or num_classes > IGNORE_LABEL:
-            raise ValueError(f"model.context.num_semantic_classes: expected 2..{IGNORE_LABEL}, got {num_classes}")
+            raise ValueError(f"SemanticBranch: num_classes must be in 2..{IGNORE_LABEL}, got {num_classes}")
         if not loss_weight >= 0:
-            raise ValueError(f"model.context.semantic_loss_weight: expected >= 0, got {loss_weight}")
+            raise ValueError(f"SemanticBranch: loss_weight must be >= 0, got {loss_weight}")
         if global_context and context_channels < 1:
             raise ValueError("SemanticBranch: global_context needs context_channels (the embedding it averages)")
         self.num_classes = num_classes
@@ -229,33 +228,6 @@ class RoIContext(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Config -> parts
 # --------------------------------------------------------------------------------------------------
-
-
-def check_context_config(cfg: Config) -> None:
-    """One-line ConfigErrors for ``model.context.*`` (and ``data.sem_seg_dir``) values no model can use."""
-    c = cfg.model.context
-    if (c.roi_features or c.global_context) and not c.semantic:
-        raise ConfigError(
-            "model.context.roi_features / global_context use the semantic branch's features; set model.context.semantic=true"
-        )
-    if not c.semantic:
-        return
-    if cfg.data.sem_seg_dir and c.num_semantic_classes == 0:
-        raise ConfigError(
-            f"model.context.num_semantic_classes: set it (more than the largest id in the label maps of "
-            f"data.sem_seg_dir={cfg.data.sem_seg_dir}); 0 only works with labels built from instance masks"
-        )
-    if c.semantic_stride not in FUSED_STRIDES:
-        raise ConfigError(f"model.context.semantic_stride: expected one of {list(FUSED_STRIDES)}, got {c.semantic_stride}")
-    require_at_least([
-        ("model.context.num_semantic_classes", c.num_semantic_classes, 0),
-        ("model.context.semantic_convs", c.semantic_convs, 0),
-        ("model.context.semantic_dim", c.semantic_dim, 1),
-        ("model.context.semantic_loss_weight", c.semantic_loss_weight, 0.0),
-    ])  # fmt: skip
-    classes = semantic_num_classes(c.num_semantic_classes, cfg.model.num_classes)
-    if not 2 <= classes <= IGNORE_LABEL:
-        raise ConfigError(f"model.context.num_semantic_classes: expected 2..{IGNORE_LABEL} classes, got {classes}")
 
 
 def semantic_kwargs_from_config(cfg: Config, head_norm: str) -> dict[str, Any] | None:

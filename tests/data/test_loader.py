@@ -136,11 +136,10 @@ def test_test_loader_covers_split_and_respects_max_images(tiny_coco):
 )
 def test_impossible_data_configs_are_config_errors(override: str, message: str) -> None:
     from megdet.config import ConfigError, load_config
-    from megdet.data.loader import check_data_config
 
-    check_data_config(load_config(None, []))
+    load_config(None, []).data.validate()
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_data_config(load_config(None, [override]))
+        load_config(None, [override]).data.validate()
 
 
 def test_raw_batches_normalised_are_bitwise_the_normalising_loaders(tiny_coco):

@@ -16,7 +16,6 @@ from megdet.engine.lr_policy import (
     WARMUP_IMAGES,
     LRScheduler,
     build_optimizer,
-    check_solver_config,
     lr_at,
     param_groups,
     plot_schedule,
@@ -143,7 +142,7 @@ def test_bad_solver_values_name_the_key(solver: dict, key: str) -> None:
         _info(8, **solver)
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):  # the same, without any data set
-        check_solver_config(dataclasses.replace(SolverConfig(), **solver))
+        dataclasses.replace(SolverConfig(), **solver).validate()
 
 
 def test_summary_lines_mention_everything() -> None:

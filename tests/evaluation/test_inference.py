@@ -166,16 +166,15 @@ def test_predict_image_returns_original_coordinates(setup: dict, tmp_path: Path)
 
 def test_impossible_test_configs_are_config_errors() -> None:
     from megdet.config import ConfigError, load_config
-    from megdet.evaluation.inference import check_test_config
 
-    bad_tta = load_config(None, ["test.tta.min_sizes=[]", "test.tta.box_merge=mean"])
-    check_test_config(bad_tta)  # the TTA settings matter only with tta=True
+    bad_tta = load_config(None, ["test.tta.min_sizes=[]", "test.tta.box_merge=mean"]).test
+    bad_tta.validate()  # the TTA settings matter only with tta=True
     with pytest.raises(ConfigError, match=r"test\.tta\.min_sizes: expected a non-empty list"):
-        check_test_config(bad_tta, tta=True)
+        bad_tta.validate(tta=True)
     with pytest.raises(ConfigError, match=r"test\.tta\.box_merge: unknown value 'mean'; choose one of nms, vote"):
-        check_test_config(load_config(None, ["test.tta.box_merge=mean"]), tta=True)
+        load_config(None, ["test.tta.box_merge=mean"]).test.validate(tta=True)
     with pytest.raises(ConfigError, match=r"test\.images_per_device: expected >= 1, got 0"):
-        check_test_config(load_config(None, ["test.images_per_device=0"]))
+        load_config(None, ["test.images_per_device=0"]).test.validate()
 
 
 @pytest.mark.parametrize("tta", [False, True])

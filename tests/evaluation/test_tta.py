@@ -85,7 +85,7 @@ def test_merge_boxes_vote_ignores_boxes_below_the_threshold_and_caps_detections(
     assert len(b) == 1 and s.item() == pytest.approx(0.9)
     empty = merge_boxes(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), "vote")
     assert all(t.shape[0] == 0 for t in empty)
-    with pytest.raises(ValueError, match="box merge 'mean'"):
+    with pytest.raises(ValueError, match="unknown method 'mean'; choose one of nms, vote"):
         merge_boxes(boxes, scores, labels, "mean")
 
 

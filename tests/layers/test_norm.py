@@ -9,9 +9,9 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from megdet.config import NORMS
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 from megdet.layers.norm import (
-    NORM_NAMES,
     convert_frozen_batchnorm,
     get_norm,
     group_norm_groups,
@@ -26,11 +26,9 @@ def test_get_norm_builds_each_kind() -> None:
     assert type(bn) is nn.BatchNorm2d and bn.num_features == 8
     gn = get_norm("GN", 256)
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 32 and gn.num_channels == 256
-    cd = get_norm("CrossDeviceBN", 8, bn_group_size=4)
-    assert isinstance(cd, CrossDeviceBatchNorm2d) and cd.num_features == 8 and cd.group_size == 4
-    assert get_norm("CrossDeviceBN", 8).group_size is None
-    for name in ("", "none"):
-        assert isinstance(get_norm(name, 8), nn.Identity)
+    cd = get_norm("CrossDeviceBN", 8)
+    assert isinstance(cd, CrossDeviceBatchNorm2d) and cd.num_features == 8 and cd.group_size is None
+    assert isinstance(get_norm("none", 8), nn.Identity)
     x = torch.randn(2, 8, 3, 3)
     for name in ("FrozenBN", "BN", "CrossDeviceBN"):
         assert get_norm(name, 8)(x).shape == x.shape
@@ -44,13 +42,13 @@ def test_group_norm_groups_is_largest_divisor_up_to_32(channels: int, groups: in
 
 def test_unknown_names_are_rejected_with_the_valid_list() -> None:
     for bad in ("bn", "SyncBN", "LN"):
-        with pytest.raises(ValueError, match=r"model\.norm.*'FrozenBN'.*'CrossDeviceBN'"):
+        with pytest.raises(ValueError, match=f"get_norm: unknown norm '{bad}'; choose one of FrozenBN, BN, GN"):
             get_norm(bad, 8)
-        with pytest.raises(ValueError, match="valid names"):
+        with pytest.raises(ValueError, match="norm_layer_factory: unknown norm"):
             norm_layer_factory(bad)  # fails when the model is built, not at the first layer
     with pytest.raises(ValueError, match="positive"):
         group_norm_groups(0)
-    assert set(NORM_NAMES) == {"FrozenBN", "BN", "GN", "CrossDeviceBN", "", "none"}
+    assert set(NORMS) == {"FrozenBN", "BN", "GN", "CrossDeviceBN", "none"}
 
 
 def test_factory_plugs_into_torchvision_norm_layer_arguments() -> None:
@@ -58,8 +56,8 @@ def test_factory_plugs_into_torchvision_norm_layer_arguments() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 20
     assert model.layer4[0].bn1.num_groups == 32
-    model = torchvision.models.resnet18(norm_layer=norm_layer_factory("CrossDeviceBN", bn_group_size=2))
-    assert sum(isinstance(m, CrossDeviceBatchNorm2d) and m.group_size == 2 for m in model.modules()) == 20
+    model = torchvision.models.resnet18(norm_layer=norm_layer_factory("CrossDeviceBN"))
+    assert sum(isinstance(m, CrossDeviceBatchNorm2d) and m.group_size is None for m in model.modules()) == 20
     fpn = FeaturePyramidNetwork([16, 32], 24, norm_layer=norm_layer_factory("GN"))
     assert sum(isinstance(m, nn.GroupNorm) and m.num_groups == 24 for m in fpn.modules()) == 4
     outs = fpn({"a": torch.randn(1, 16, 8, 8), "b": torch.randn(1, 32, 4, 4)})

@@ -80,12 +80,14 @@ def test_trainable_layers_freeze_stem_and_early_stages() -> None:
 def test_trainable_layers_zero_and_bad_values() -> None:
     body = ResNetBody("resnet18", "BN", trainable_layers=0)
     assert not any(p.requires_grad for p in body.parameters())
-    with pytest.raises(ValueError, match="model.trainable_layers"):
+    with pytest.raises(ValueError, match="ResNetBody: trainable_layers must be in 0..5, got 6"):
         ResNetBody("resnet18", "BN", trainable_layers=6)
-    with pytest.raises(ValueError, match="model.backbone: unknown backbone 'resnet19'"):
+    with pytest.raises(ValueError, match="ResNetBody: unknown name 'resnet19'; choose one of resnet10"):
         build_backbone("resnet19", "BN", 16, 5)
-    with pytest.raises(ValueError, match="model.norm: unknown norm 'LN'"):
+    with pytest.raises(ValueError, match="ResNetBody: unknown norm 'LN'"):
         build_backbone("resnet18", "LN", 16, 5)
+    with pytest.raises(ValueError, match="ResNetBody: unknown norm 'none'"):
+        build_backbone("resnet18", "none", 16, 5)
 
 
 def test_load_backbone_weights_from_torchvision_file(tmp_path) -> None:
@@ -178,7 +180,7 @@ def test_load_backbone_weights_errors_name_the_parameter(tmp_path) -> None:
 def test_default_head_norm() -> None:
     assert default_head_norm("FrozenBN") == "none"
     assert default_head_norm("GN") == "GN"
-    with pytest.raises(ValueError, match="model.norm"):
+    with pytest.raises(ValueError, match="default_head_norm: unknown norm 'batchnorm'"):
         default_head_norm("batchnorm")
 
 

@@ -184,7 +184,7 @@ def test_keypoint_loss_weight_scales_the_loss_only() -> None:
     a = plain.loss(plain(feats, boxes), boxes, matched, targets)
     b = weighted.loss(weighted(feats, boxes), boxes, matched, targets)
     assert a > 0 and torch.allclose(b, 0.25 * a)
-    with pytest.raises(ValueError, match="keypoint_loss_weight"):
+    with pytest.raises(ValueError, match="KeypointHead: loss_weight must be a number >= 0"):
         KeypointHead(**common, loss_weight=-1.0)
 
 
