@@ -454,6 +454,15 @@ def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, rank, 1]).generate_state(1, np.uint32)[0])
 
 
+def _stop_workers(data_iter: Iterator[Any]) -> None:
+    """Stops the loader's worker processes now. Left to garbage collection, a loader freed only at
+    interpreter exit is not shut down (torch skips it then) and multiprocessing's exit handler waits
+    forever for workers that ignore its SIGTERM (the loader's worker_init_fn)."""
+    shutdown = getattr(data_iter, "_shutdown_workers", None)  # a multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
 def _format_losses(values: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.6g}" for k, v in values.items())
 
@@ -774,6 +783,7 @@ def _run(
             )
     finally:
         log.close()
+        _stop_workers(data_iter)
         del data_iter
     if not last_logged and window_iters:
         last_logged = {k: v / window_iters for k, v in window.items()}
