@@ -246,8 +246,8 @@ def worker(args: argparse.Namespace) -> None:
     from megdet.config import load_config
     from megdet.distributed import all_gather_object, barrier, cleanup_distributed, init_distributed
     from megdet.engine.lr_policy import build_optimizer
-    from megdet.engine.trainer import accumulate_gradients, apply_update, ddp_buffer_kwargs, recompute_names
-    from megdet.layers.recompute import apply_recompute
+    from megdet.engine.trainer import accumulate_gradients, apply_update, ddp_buffer_kwargs
+    from megdet.layers.recompute import apply_recompute, recompute_names
     from megdet.modeling.detector import build_model
 
     rank, world, _, device = init_distributed(device="cpu")
@@ -259,7 +259,7 @@ def worker(args: argparse.Namespace) -> None:
             cfgs[norm] = cfg
             torch.manual_seed(0)  # the trainer's rule: identical initial weights on every rank
             model = build_model(cfg)
-            names = recompute_names(model, args.sublinear_memory)
+            names = recompute_names(model, model.recompute_stages(), args.sublinear_memory)
             if names:
                 apply_recompute(model, names)
             model.train()

@@ -147,8 +147,7 @@ def _build_megdet(spec: WorkerSpec, device: Any) -> tuple[Any, Any, list[Any], i
 
     from megdet.config import load_config
     from megdet.engine.lr_policy import build_optimizer
-    from megdet.engine.trainer import recompute_names
-    from megdet.layers.recompute import apply_recompute
+    from megdet.layers.recompute import apply_recompute, recompute_names
     from megdet.modeling.detector import build_model
 
     cfg = load_config(spec.config, spec.overrides)
@@ -156,7 +155,7 @@ def _build_megdet(spec: WorkerSpec, device: Any) -> tuple[Any, Any, list[Any], i
     model = build_model(cfg)
     # The trainer's order: build, move to the device, wrap the recomputed blocks, train mode.
     model.to(device)
-    names = recompute_names(model, spec.mode)
+    names = recompute_names(model, model.recompute_stages(), spec.mode)
     if names:
         apply_recompute(model, names)
     model.train()

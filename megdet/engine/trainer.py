@@ -69,18 +69,7 @@ from megdet.engine.lr_policy import (
 )
 from megdet.files import write_text_atomic
 from megdet.layers import CrossDeviceBatchNorm2d
-
-# Sublinear memory targets, relative to the detector. Backbone stages are the backbone module's own
-# RECOMPUTE_STAGES; the RoI head towers are the conv/fc stacks between pooler and predictor, and the
-# semantic branch's conv tower (MegDet's "+Context/Seg") likewise.
-_HEAD_TOWERS = ("roi_heads.box_head.head", "roi_heads.mask_head.convs", "roi_heads.keypoint_head.convs",
-                "semantic_branch.convs")  # fmt: skip
-_RESIDUAL_STAGES = (
-    "backbone.body.layer1",
-    "backbone.body.layer2",
-    "backbone.body.layer3",
-    "backbone.body.layer4",
-)
+from megdet.layers.recompute import apply_recompute, recompute_names
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,49 +144,6 @@ def bn_statistics_text(cfg: Config, world_size: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # Model preparation
 # --------------------------------------------------------------------------------------------------
-
-
-def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
-def recompute_names(model: nn.Module, mode: str) -> list[str]:
-    """Submodules of the detector that ``train.sublinear_memory=mode`` recomputes in the backward pass.
-
-    "stages": the backbone stages (``backbone.body.stem``, ``layer1``..``layer4``), the FPN, the RoI
-    head towers and the semantic branch's tower, each as one block -- only stage outputs are kept. "blocks": every residual block of
-    the stages and every layer of the head towers on its own -- more stored activations, but a smaller
-    peak while recomputing. "nested": "stages", and inside each residual stage every block recomputed
-    again while its stage is recomputed (Chen et al.'s recursive scheme): the forward keeps only stage
-    outputs like "stages", the backward holds one stage's block inputs plus one block's activations
-    like "blocks", for one more forward of the residual stages. Inner names come before their stage's
-    (the order :func:`~megdet.layers.recompute.apply_recompute` needs to nest them). Frozen parts are
-    skipped: nothing of theirs is stored for backward anyway.
-    """
-    if mode == "off":
-        return []
-    from megdet.modeling.backbone import RECOMPUTE_STAGES
-
-    def exists(name: str) -> bool:
-        try:
-            model.get_submodule(name)
-            return True
-        except AttributeError:
-            return False
-
-    stages = [f"backbone.{n}" for n in RECOMPUTE_STAGES] + list(_HEAD_TOWERS)
-    names: list[str] = []
-    for name in stages:
-        if not exists(name) or not _trainable(model.get_submodule(name)):
-            continue
-        module = model.get_submodule(name)
-        residual = name in _RESIDUAL_STAGES
-        split = (mode == "blocks" and (residual or name in _HEAD_TOWERS)) or (mode == "nested" and residual)
-        if split:
-            names.extend(f"{name}.{c}" for c, m in module.named_children() if _trainable(m))
-        if not split or mode == "nested":
-            names.append(name)
-    return names
 
 
 def use_channels_last(mode: str, device_type: str, amp: str) -> bool:
@@ -523,11 +469,6 @@ def _run(
     # ---- model ------------------------------------------------------------------------------------
     _seed_everything(t.seed)  # identical initial weights on every rank
     model = build_model(cfg)
-    if cfg.model.norm == "CrossDeviceBN":
-        from megdet.layers.cross_device_bn import convert_cross_device_bn
-
-        if not any(isinstance(m, CrossDeviceBatchNorm2d) for m in model.modules()):
-            convert_cross_device_bn(model, cfg.model.bn_group_size or None)
     if ckpt is not None:
         try:
             load_model_state(model, ckpt.model, strict=True)
@@ -539,10 +480,8 @@ def _run(
     if use_channels_last(t.channels_last, device.type, t.amp):
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
-    recompute = recompute_names(model, t.sublinear_memory)
+    recompute = recompute_names(model, model.recompute_stages(), t.sublinear_memory)
     if recompute:
-        from megdet.layers.recompute import apply_recompute
-
         apply_recompute(model, recompute)
     model.train()
 

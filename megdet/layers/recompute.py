@@ -23,7 +23,8 @@ itself (``preserve_rng_state=True``), so the recomputed forward sees the same ra
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +32,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Recompute", "apply_recompute", "checkpoint_module", "frozen_running_stats"]
+__all__ = [
+    "Recompute",
+    "RecomputeStage",
+    "apply_recompute",
+    "checkpoint_module",
+    "frozen_running_stats",
+    "recompute_names",
+]
 
 
 @contextlib.contextmanager
@@ -135,3 +143,52 @@ def apply_recompute(module: nn.Module, names: Iterable[str]) -> nn.Module:
         if not isinstance(child, Recompute):
             setattr(parent, child_name, Recompute(child))
     return module
+
+
+@dataclass(frozen=True)
+class RecomputeStage:
+    """A submodule a model offers for recomputation (``model.recompute_stages()``).
+
+    ``blocks``: in mode "blocks" its children are recomputed one by one instead of the whole;
+    ``nested``: in mode "nested" its children are recomputed inside its own recomputation.
+    """
+
+    name: str  # dotted path from the model
+    blocks: bool = False
+    nested: bool = False
+
+    def prefixed(self, prefix: str) -> RecomputeStage:
+        """The same stage seen from a parent module (``prefix`` ends with a dot)."""
+        return replace(self, name=prefix + self.name)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def recompute_names(module: nn.Module, stages: Sequence[RecomputeStage], mode: str) -> list[str]:
+    """The submodules of `module` that sublinear memory mode `mode` recomputes, for :func:`apply_recompute`.
+
+    "off": none. "stages": every stage as one block -- only stage outputs are kept. "blocks": the
+    children of the stages marked ``blocks`` one by one, the other stages whole -- more stored
+    activations, but a smaller peak while recomputing. "nested": "stages", and inside each stage marked
+    ``nested`` every child recomputed again while its stage is recomputed (Chen et al.'s recursive
+    scheme): the forward keeps only stage outputs like "stages", the backward holds one stage's child
+    inputs plus one child's activations like "blocks", for one more forward of those stages. Inner
+    names come before their stage's (the order :func:`apply_recompute` needs to nest them). Frozen
+    parts are skipped: nothing of theirs is stored for backward anyway.
+    """
+    if mode == "off":
+        return []
+    names: list[str] = []
+    for stage in stages:
+        block = module.get_submodule(stage.name)
+        if not _trainable(block):
+            continue
+        split = (mode == "blocks" and stage.blocks) or (mode == "nested" and stage.nested)
+        if split:
+            names.extend(f"{stage.name}.{c}" for c, m in block.named_children() if _trainable(m))
+        if not split or mode == "nested":
+            names.append(stage.name)
+    return names
+

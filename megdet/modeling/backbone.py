@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from megdet.config import NORMS, check_choice
+from megdet.config import NORMS, ModelConfig, check_choice
 from megdet.layers.norm import norm_layer_factory, norm_layer_or_none
+from megdet.layers.recompute import RecomputeStage
 
 
 def resnet10(*, weights: None = None, **kwargs: object) -> torchvision.models.ResNet:
@@ -48,8 +49,10 @@ RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
 # Stage names in the order `trainable_layers` counts them (from the top of the network down).
 _STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "stem")
 
-# Submodules that sublinear-memory recomputation may wrap, relative to the backbone.
-RECOMPUTE_STAGES = ("body.stem", "body.layer1", "body.layer2", "body.layer3", "body.layer4", "fpn")
+def head_norm_of(cfg: ModelConfig) -> str:
+    """The norm of the FPN, the RPN head and the RoI heads: ``model.head_norm``, or
+    :func:`default_head_norm` of ``model.norm`` when it is empty."""
+    return cfg.head_norm or default_head_norm(cfg.norm)
 
 
 def default_head_norm(norm: str) -> str:
@@ -212,6 +215,24 @@ class ResNetFPN(nn.Module):
             norm_layer=norm_layer_or_none(fpn_norm),
         )
         self.out_channels = fpn_channels
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ResNetFPN:
+        """The freshly initialised backbone of ``model.*`` (``build_model`` loads ``model.weights``)."""
+        return build_backbone(
+            name=cfg.backbone,
+            norm=cfg.norm,
+            fpn_channels=cfg.fpn_channels,
+            trainable_layers=cfg.trainable_layers,
+            fpn_norm=head_norm_of(cfg),
+            stride_in_1x1=cfg.stride_in_1x1,
+        )
+
+    def recompute_stages(self) -> list[RecomputeStage]:
+        """What sublinear memory may recompute, in forward order (names relative to this module): the
+        stem, the four residual stages (each a sequence of residual blocks) and the FPN."""
+        residual = [RecomputeStage(f"body.{n}", blocks=True, nested=True) for n in ("layer1", "layer2", "layer3", "layer4")]
+        return [RecomputeStage("body.stem"), *residual, RecomputeStage("fpn")]
 
     def forward(self, images: Tensor) -> list[Tensor]:
         c = self.body(images)

@@ -1,4 +1,5 @@
-"""The FPN R-CNN detector (Faster / Mask / Keypoint R-CNN), its config mapping and checkpoint loading.
+"""The FPN R-CNN detector (Faster / Mask / Keypoint R-CNN), its construction from the config, and
+loading a state dict into it.
 
 Unlike torchvision's ``GeneralizedRCNN`` there is no transform inside the model: the data pipeline
 already resized, normalised and padded the images (``Batch`` in docs/ARCHITECTURE.md), so the
@@ -10,7 +11,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,15 +18,11 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from megdet.config import Config
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
-from megdet.modeling.backbone import ResNetFPN, build_backbone, default_head_norm
-from megdet.modeling.roi_heads import BoxHead, KeypointHead, MaskHead, RoIHeads
+from megdet.layers.recompute import RecomputeStage
+from megdet.modeling.backbone import ResNetFPN
+from megdet.modeling.roi_heads import RoIHeads
 from megdet.modeling.rpn import RPN
-from megdet.modeling.semantic import (
-    SemanticBranch,
-    SemanticContext,
-    build_semantic_parts,
-    semantic_kwargs_from_config,
-)
+from megdet.modeling.semantic import SemanticBranch, SemanticContext, semantic_parts_from_config
 
 ImageSizes = Sequence[Sequence[int]]
 
@@ -70,6 +66,32 @@ class GeneralizedRCNN(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_config(cls, cfg: Config, channels_last: bool = False) -> GeneralizedRCNN:
+        """The freshly initialised detector of ``cfg.model`` (validated first: one-line ConfigErrors), each
+        part built by its own ``from_config`` (:func:`build_model` also loads ``model.weights``).
+        Cross-device BN layers get ``model.bn_group_size`` and ``model.bn_group_images`` (:func:`set_bn_groups`)."""
+        cfg.validate_model()
+        m = cfg.model
+        backbone = ResNetFPN.from_config(m)
+        c = backbone.out_channels
+        rpn = RPN.from_config(m, in_channels=c, strides=backbone.strides)
+        scales = [1.0 / s for s in backbone.strides[:4]]  # heads pool from P2..P5
+        semantic, box_context, mask_context = semantic_parts_from_config(m, in_channels=c)
+        roi_heads = RoIHeads.from_config(
+            m, in_channels=c, scales=scales, box_context=box_context, mask_context=mask_context
+        )
+        model = cls(backbone, rpn, roi_heads, m.num_classes, channels_last=channels_last, semantic_branch=semantic)
+        local_groups = cfg.data.images_per_device // m.bn_group_images if m.bn_group_images > 0 else 1
+        set_bn_groups(model, m.bn_group_size or None, local_groups)
+        return model
+
+    def recompute_stages(self) -> list[RecomputeStage]:
+        """The blocks sublinear memory may recompute (for :func:`~megdet.layers.recompute.recompute_names`):
+        the backbone's, the RoI heads' and the semantic branch's."""
+        parts = [("backbone.", self.backbone), ("roi_heads.", self.roi_heads), ("semantic_branch.", self.semantic_branch)]
+        return [s.prefixed(prefix) for prefix, part in parts if part is not None for s in part.recompute_stages()]
 
     @property
     def device(self) -> torch.device:
@@ -150,120 +172,6 @@ def postprocess_detections(
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Config -> constructor arguments
-# --------------------------------------------------------------------------------------------------
-
-
-def model_kwargs_from_config(cfg: Config) -> dict[str, Any]:
-    """Maps ``cfg.model`` onto the explicit keyword arguments of every part (:func:`build_model_from_kwargs`).
-
-    Returns ``{"num_classes", "bn_group_size", "bn_local_groups", "max_mask_keypoint_rois", "backbone", "rpn", "box_head",
-    "mask_head", "keypoint_head", "semantic"}``; the last three are ``None`` when the task is off. The FPN and heads
-    use ``model.head_norm``, or ``default_head_norm(norm)`` when it is empty.
-    """
-    m = cfg.model
-    cfg.validate_model()
-    head_norm = m.head_norm or default_head_norm(m.norm)
-    r, roi = m.rpn, m.roi
-    pooler = {
-        "pooler_type": roi.pooler,
-        "sampling_ratio": roi.sampling_ratio,
-        "aligned": roi.aligned,
-        "norm": head_norm,
-    }
-    return {
-        "num_classes": m.num_classes,
-        "bn_group_size": m.bn_group_size or None,
-        "bn_local_groups": cfg.data.images_per_device // m.bn_group_images if m.bn_group_images > 0 else 1,
-        "max_mask_keypoint_rois": roi.max_mask_keypoint_rois,
-        "backbone": {
-            "name": m.backbone,
-            "norm": m.norm,
-            "fpn_channels": m.fpn_channels,
-            "trainable_layers": m.trainable_layers,
-            "weights_path": m.weights,
-            "fpn_norm": head_norm,
-            "stride_in_1x1": m.stride_in_1x1,
-        },
-        "rpn": {
-            "anchor_sizes": list(r.anchor_sizes),
-            "aspect_ratios": list(r.aspect_ratios),
-            "head_convs": r.head_convs,
-            "round_anchors": r.round_anchors,
-            "norm": head_norm,
-            "pre_nms_top_n_train": r.pre_nms_top_n_train,
-            "post_nms_top_n_train": r.post_nms_top_n_train,
-            "pre_nms_top_n_test": r.pre_nms_top_n_test,
-            "post_nms_top_n_test": r.post_nms_top_n_test,
-            "nms_thresh": r.nms_thresh,
-            "fg_iou_thresh": r.fg_iou_thresh,
-            "bg_iou_thresh": r.bg_iou_thresh,
-            "batch_size_per_image": r.batch_size_per_image,
-            "positive_fraction": r.positive_fraction,
-        },
-        "box_head": {
-            "num_classes": m.num_classes,
-            "head_type": roi.box_head,
-            "fc_dim": roi.box_head_dim,
-            "conv_dim": roi.box_conv_dim,
-            "pool_size": roi.box_pool_size,
-            **pooler,
-            "fg_iou_thresh": roi.fg_iou_thresh,
-            "bg_iou_thresh": roi.bg_iou_thresh,
-            "batch_size_per_image": roi.batch_size_per_image,
-            "positive_fraction": roi.positive_fraction,
-            "bbox_reg_weights": list(roi.bbox_reg_weights),
-            "score_thresh": roi.score_thresh,
-            "nms_thresh": roi.nms_thresh,
-            "detections_per_img": roi.detections_per_img,
-        },
-        "mask_head": {
-            "num_classes": m.num_classes,
-            "num_convs": roi.mask_head_convs,
-            "conv_dim": roi.mask_head_dim,
-            "pool_size": roi.mask_pool_size,
-            **pooler,
-        }
-        if m.mask_on
-        else None,
-        "keypoint_head": {
-            "num_keypoints": m.num_keypoints,
-            "num_convs": roi.keypoint_head_convs,
-            "conv_dim": roi.keypoint_head_dim,
-            "pool_size": roi.keypoint_pool_size,
-            "loss_weight": roi.keypoint_loss_weight,
-            **pooler,
-        }
-        if m.keypoint_on
-        else None,
-        "semantic": semantic_kwargs_from_config(cfg, head_norm),
-    }
-
-
-def build_model_from_kwargs(kwargs: Mapping[str, Any], channels_last: bool = False) -> GeneralizedRCNN:
-    """Builds the detector from :func:`model_kwargs_from_config`-shaped arguments."""
-    backbone = build_backbone(**kwargs["backbone"])
-    c = backbone.out_channels
-    rpn = RPN(in_channels=c, strides=backbone.strides, **kwargs["rpn"])
-    scales = [1.0 / s for s in backbone.strides[:4]]  # heads pool from P2..P5
-    mask_kw, kp_kw, sem_kw = kwargs.get("mask_head"), kwargs.get("keypoint_head"), kwargs.get("semantic")
-    semantic = box_ctx = mask_ctx = None
-    if sem_kw:
-        semantic, box_ctx, mask_ctx = build_semantic_parts(
-            in_channels=c, box_head=kwargs["box_head"], mask_head=mask_kw, **sem_kw
-        )
-    box_head = BoxHead(in_channels=c, scales=scales, context=box_ctx, **kwargs["box_head"])
-    mask_head = MaskHead(in_channels=c, scales=scales, context=mask_ctx, **mask_kw) if mask_kw else None
-    kp_head = KeypointHead(in_channels=c, scales=scales, **kp_kw) if kp_kw else None
-    heads = RoIHeads(box_head, mask_head, kp_head, kwargs.get("max_mask_keypoint_rois", 0))
-    model = GeneralizedRCNN(
-        backbone, rpn, heads, kwargs["num_classes"], channels_last=channels_last, semantic_branch=semantic
-    )
-    set_bn_groups(model, kwargs.get("bn_group_size"), kwargs.get("bn_local_groups", 1))
-    return model
-
-
 def set_bn_groups(model: nn.Module, group_size: int | None, local_groups: int = 1) -> None:
     """MegDet's "BN size" on every cross-device BN layer: statistics shared within groups of
     ``group_size`` ranks (None: all), or over ``local_groups`` slices of each device's batch."""
@@ -274,18 +182,16 @@ def set_bn_groups(model: nn.Module, group_size: int | None, local_groups: int = 
             m.local_groups = local_groups
 
 
-def build_model(cfg: Config) -> GeneralizedRCNN:
-    """The detector described by ``cfg.model``, started from ``model.weights`` when set: ImageNet backbone
-    weights or a whole detector (megdet, torchvision or detectron2; :mod:`megdet.modeling.convert`),
-    whose class heads are re-initialised when they have another size. What was re-initialised or left
-    unused is reported as a warning."""
-    kwargs = model_kwargs_from_config(cfg)
-    weights = kwargs["backbone"].pop("weights_path", "")
-    model = build_model_from_kwargs(kwargs)
-    if weights:
+def build_model(cfg: Config, channels_last: bool = False) -> GeneralizedRCNN:
+    """The detector described by ``cfg.model`` (:meth:`GeneralizedRCNN.from_config`), started from
+    ``model.weights`` when set: ImageNet backbone weights or a whole detector (megdet, torchvision or
+    detectron2; :mod:`megdet.modeling.convert`), whose class heads are re-initialised when they have
+    another size. What was re-initialised or left unused is reported as a warning."""
+    model = GeneralizedRCNN.from_config(cfg, channels_last=channels_last)
+    if cfg.model.weights:
         from megdet.modeling.convert import load_weights
 
-        report = load_weights(model, weights)
+        report = load_weights(model, cfg.model.weights)
         if report.reinitialised or report.left:
             warnings.warn(f"model.weights={report.summary()}", stacklevel=2)
     return model

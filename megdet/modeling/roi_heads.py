@@ -29,8 +29,10 @@ from torchvision.ops import (
     remove_small_boxes,
 )
 
-from megdet.config import BOX_HEADS, check_choice
+from megdet.config import BOX_HEADS, ModelConfig, check_choice
 from megdet.layers.norm import norm_layer_or_none
+from megdet.layers.recompute import RecomputeStage
+from megdet.modeling.backbone import head_norm_of
 from megdet.modeling.box_ops import (
     Proposals,
     encode,
@@ -180,6 +182,35 @@ class BoxHead(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
 
+    @classmethod
+    def from_config(
+        cls, cfg: ModelConfig, *, in_channels: int, scales: Sequence[float], context: RoIContext | None = None
+    ) -> BoxHead:
+        """The box head of ``model.*`` on features of ``in_channels`` channels at ``scales``."""
+        roi = cfg.roi
+        return cls(
+            in_channels=in_channels,
+            num_classes=cfg.num_classes,
+            head_type=roi.box_head,
+            fc_dim=roi.box_head_dim,
+            conv_dim=roi.box_conv_dim,
+            pool_size=roi.box_pool_size,
+            pooler_type=roi.pooler,
+            sampling_ratio=roi.sampling_ratio,
+            aligned=roi.aligned,
+            scales=scales,
+            norm=head_norm_of(cfg),
+            context=context,
+            fg_iou_thresh=roi.fg_iou_thresh,
+            bg_iou_thresh=roi.bg_iou_thresh,
+            batch_size_per_image=roi.batch_size_per_image,
+            positive_fraction=roi.positive_fraction,
+            bbox_reg_weights=list(roi.bbox_reg_weights),
+            score_thresh=roi.score_thresh,
+            nms_thresh=roi.nms_thresh,
+            detections_per_img=roi.detections_per_img,
+        )
+
     @torch.no_grad()
     def sample(self, proposals: list[Tensor] | Proposals, targets: list[dict[str, Tensor]]) -> RoISamples:
         """Matches proposals (+ the GT boxes) to GT and samples the training RoIs of each image."""
@@ -307,6 +338,26 @@ class MaskHead(nn.Module):
         self.predictor = MaskRCNNPredictor(width, conv_dim, num_classes + 1)
         self.mask_size = 2 * pool_size
 
+    @classmethod
+    def from_config(
+        cls, cfg: ModelConfig, *, in_channels: int, scales: Sequence[float], context: RoIContext | None = None
+    ) -> MaskHead:
+        """The mask head of ``model.*`` on features of ``in_channels`` channels at ``scales``."""
+        roi = cfg.roi
+        return cls(
+            in_channels=in_channels,
+            num_classes=cfg.num_classes,
+            num_convs=roi.mask_head_convs,
+            conv_dim=roi.mask_head_dim,
+            pool_size=roi.mask_pool_size,
+            pooler_type=roi.pooler,
+            sampling_ratio=roi.sampling_ratio,
+            aligned=roi.aligned,
+            scales=scales,
+            norm=head_norm_of(cfg),
+            context=context,
+        )
+
     def forward(
         self,
         features: list[Tensor],
@@ -381,6 +432,24 @@ class KeypointHead(nn.Module):
                     nn.init.zeros_(m.bias)
         self.predictor = KeypointRCNNPredictor(width, num_keypoints)
         self.heatmap_size = 4 * pool_size
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, in_channels: int, scales: Sequence[float]) -> KeypointHead:
+        """The keypoint head of ``model.*`` on features of ``in_channels`` channels at ``scales``."""
+        roi = cfg.roi
+        return cls(
+            in_channels=in_channels,
+            num_keypoints=cfg.num_keypoints,
+            num_convs=roi.keypoint_head_convs,
+            conv_dim=roi.keypoint_head_dim,
+            pool_size=roi.keypoint_pool_size,
+            pooler_type=roi.pooler,
+            sampling_ratio=roi.sampling_ratio,
+            aligned=roi.aligned,
+            scales=scales,
+            norm=head_norm_of(cfg),
+            loss_weight=roi.keypoint_loss_weight,
+        )
 
     def forward(
         self, features: list[Tensor], boxes: list[Tensor], level_counts: Sequence[int] | None = None
@@ -468,6 +537,37 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.keypoint_head = keypoint_head
         self.max_mask_keypoint_rois = max_mask_keypoint_rois
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        *,
+        in_channels: int,
+        scales: Sequence[float],
+        box_context: RoIContext | None = None,
+        mask_context: RoIContext | None = None,
+    ) -> RoIHeads:
+        """The box head and, when ``model.mask_on`` / ``model.keypoint_on``, the mask / keypoint head;
+        the box and mask heads take the semantic context given (``semantic_parts_from_config``)."""
+        box_head = BoxHead.from_config(cfg, in_channels=in_channels, scales=scales, context=box_context)
+        mask_head = (
+            MaskHead.from_config(cfg, in_channels=in_channels, scales=scales, context=mask_context)
+            if cfg.mask_on
+            else None
+        )
+        keypoint_head = (
+            KeypointHead.from_config(cfg, in_channels=in_channels, scales=scales) if cfg.keypoint_on else None
+        )
+        return cls(box_head, mask_head, keypoint_head, cfg.roi.max_mask_keypoint_rois)
+
+    def recompute_stages(self) -> list[RecomputeStage]:
+        """What sublinear memory may recompute (names relative to this module): each head's tower, the
+        conv / fc stack between its pooler and its predictor, whose layers "blocks" recomputes alone."""
+        towers = ["box_head.head"]
+        towers += ["mask_head.convs"] if self.mask_head is not None else []
+        towers += ["keypoint_head.convs"] if self.keypoint_head is not None else []
+        return [RecomputeStage(name, blocks=True) for name in towers]
 
     def _choose(
         self, samples: PaddedRoISamples, targets: list[dict[str, Tensor]]

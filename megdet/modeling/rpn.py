@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from megdet.config import NORMS, check_choice
+from megdet.config import NORMS, ModelConfig, check_choice
 from megdet.layers.norm import get_norm
+from megdet.modeling.backbone import head_norm_of
 from megdet.modeling.box_ops import (
     Proposals,
     decode,
@@ -244,6 +245,29 @@ class RPN(nn.Module):
         self.bg_iou_thresh = bg_iou_thresh
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, in_channels: int, strides: Sequence[int]) -> RPN:
+        """The RPN of ``model.*`` on pyramid levels of ``in_channels`` channels at ``strides``."""
+        r = cfg.rpn
+        return cls(
+            in_channels=in_channels,
+            strides=strides,
+            anchor_sizes=list(r.anchor_sizes),
+            aspect_ratios=list(r.aspect_ratios),
+            head_convs=r.head_convs,
+            round_anchors=r.round_anchors,
+            norm=head_norm_of(cfg),
+            pre_nms_top_n_train=r.pre_nms_top_n_train,
+            post_nms_top_n_train=r.post_nms_top_n_train,
+            pre_nms_top_n_test=r.pre_nms_top_n_test,
+            post_nms_top_n_test=r.post_nms_top_n_test,
+            nms_thresh=r.nms_thresh,
+            fg_iou_thresh=r.fg_iou_thresh,
+            bg_iou_thresh=r.bg_iou_thresh,
+            batch_size_per_image=r.batch_size_per_image,
+            positive_fraction=r.positive_fraction,
+        )
 
     @property
     def head(self) -> RPNHead:

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, roi_align
 
-from megdet.config import IGNORE_LABEL, SEMANTIC_STRIDES, Config, semantic_num_classes
-from megdet.modeling.backbone import norm_layer_or_none
+from megdet.config import IGNORE_LABEL, SEMANTIC_STRIDES, ModelConfig, semantic_num_classes
+from megdet.layers.norm import norm_layer_or_none
+from megdet.layers.recompute import RecomputeStage
+from megdet.modeling.backbone import head_norm_of
 from megdet.modeling.poolers import MultiLevelPooler
 
 # The strides of the pyramid levels the branch fuses (P2..P5; P6 only feeds the RPN).
@@ -119,6 +121,11 @@ class SemanticBranch(nn.Module):
             if self.global_context:
                 context.global_features = masked_image_mean(context.features, image_sizes, self.stride)
         return context
+
+    def recompute_stages(self) -> list[RecomputeStage]:
+        """What sublinear memory may recompute (names relative to this module): the conv tower after the
+        fusion, whose convs "blocks" recomputes alone."""
+        return [RecomputeStage("convs", blocks=True)]
 
     def loss(self, logits: Tensor, targets: Sequence[dict[str, Tensor]], image_sizes: ImageSizes) -> Tensor:
         """Cross-entropy of the logits against each target's ``sem_seg`` (h, w) map at the input size,
@@ -230,59 +237,39 @@ class RoIContext(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def semantic_kwargs_from_config(cfg: Config, head_norm: str) -> dict[str, Any] | None:
-    """:func:`build_semantic_parts` arguments for ``cfg.model.context`` (None when the branch is off)."""
-    c = cfg.model.context
+def semantic_parts_from_config(
+    cfg: ModelConfig, *, in_channels: int
+) -> tuple[SemanticBranch | None, RoIContext | None, RoIContext | None]:
+    """The branch of ``model.context`` on pyramid levels of ``in_channels`` channels, and the box / mask
+    heads' :class:`RoIContext` (None where the branch is off or that head takes no context)."""
+    c, roi = cfg.context, cfg.roi
     if not c.semantic:
-        return None
-    return {
-        "num_classes": semantic_num_classes(c.num_semantic_classes, cfg.model.num_classes),
-        "stride": c.semantic_stride,
-        "num_convs": c.semantic_convs,
-        "conv_dim": c.semantic_dim,
-        "norm": head_norm,
-        "loss_weight": c.semantic_loss_weight,
-        "roi_features": c.roi_features,
-        "global_context": c.global_context,
-    }
-
-
-def build_semantic_parts(
-    *,
-    in_channels: int,
-    box_head: dict[str, Any],
-    mask_head: dict[str, Any] | None,
-    roi_features: bool,
-    global_context: bool,
-    **branch: Any,
-) -> tuple[SemanticBranch, RoIContext | None, RoIContext | None]:
-    """The branch and the box / mask heads' :class:`RoIContext` (None where that head takes no context).
-
-    ``box_head`` / ``mask_head`` are the heads' constructor arguments (pool size, pooler, fc_dim).
-    """
-    with_context = roi_features or global_context
-    sem = SemanticBranch(
+        return None, None, None
+    with_context = c.roi_features or c.global_context
+    branch = SemanticBranch(
         in_channels=in_channels,
+        num_classes=semantic_num_classes(c.num_semantic_classes, cfg.num_classes),
+        stride=c.semantic_stride,
+        num_convs=c.semantic_convs,
+        conv_dim=c.semantic_dim,
+        norm=head_norm_of(cfg),
+        loss_weight=c.semantic_loss_weight,
         context_channels=in_channels if with_context else 0,
-        global_context=global_context,
-        **branch,
+        global_context=c.global_context,
     )
-    box_ctx = mask_ctx = None
+    box_context = mask_context = None
     if with_context:
-        box_ctx = RoIContext(
-            pool_size=box_head.get("pool_size", 7),
-            stride=sem.stride,
-            pooler_type=box_head.get("pooler_type", "roialign"),
-            sampling_ratio=box_head.get("sampling_ratio", 2),
-            roi_features=roi_features,
-            global_channels=in_channels if global_context else 0,
-            representation_dim=box_head.get("fc_dim", 1024),
+        box_context = RoIContext(
+            pool_size=roi.box_pool_size,
+            stride=branch.stride,
+            pooler_type=roi.pooler,
+            sampling_ratio=roi.sampling_ratio,
+            roi_features=c.roi_features,
+            global_channels=in_channels if c.global_context else 0,
+            representation_dim=roi.box_head_dim,
         )
-    if roi_features and mask_head is not None:
-        mask_ctx = RoIContext(
-            pool_size=mask_head.get("pool_size", 14),
-            stride=sem.stride,
-            pooler_type=mask_head.get("pooler_type", "roialign"),
-            sampling_ratio=mask_head.get("sampling_ratio", 2),
+    if c.roi_features and cfg.mask_on:
+        mask_context = RoIContext(
+            pool_size=roi.mask_pool_size, stride=branch.stride, pooler_type=roi.pooler, sampling_ratio=roi.sampling_ratio
         )
-    return sem, box_ctx, mask_ctx
+    return branch, box_context, mask_context

@@ -18,9 +18,9 @@ from megdet.config import load_config
 from megdet.data.loader import build_train_loader
 from megdet.data.synthetic import generate_synthetic_coco
 from megdet.engine import trainer as trainer_mod
-from megdet.engine.trainer import accumulate_gradients, recompute_names, train
+from megdet.engine.trainer import accumulate_gradients, train
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
-from megdet.layers.recompute import apply_recompute
+from megdet.layers.recompute import apply_recompute, recompute_names
 from megdet.modeling.detector import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -38,12 +38,12 @@ def test_semantic_tower_is_recomputed_with_equal_gradients(tiny_cfg) -> None:
     norms = [m for m in model.semantic_branch.modules() if isinstance(m, CrossDeviceBatchNorm2d)]
     assert len(norms) == 2 + 4 + 1 and all(m.group_size == 1 for m in norms)  # convs, laterals, embedding
     assert model.semantic_branch.num_classes == 8
-    assert "semantic_branch.convs" in recompute_names(model, "stages")
-    assert {"semantic_branch.convs.0", "semantic_branch.convs.1"} <= set(recompute_names(model, "blocks"))
+    assert "semantic_branch.convs" in recompute_names(model, model.recompute_stages(), "stages")
+    assert {"semantic_branch.convs.0", "semantic_branch.convs.1"} <= set(recompute_names(model, model.recompute_stages(), "blocks"))
 
     batch = next(iter(build_train_loader(cfg, 0, 1)))
     assert all(t["sem_seg"].shape == tuple(s) for t, s in zip(batch.targets, batch.image_sizes))
-    wrapped = apply_recompute(copy.deepcopy(model), recompute_names(model, "stages"))
+    wrapped = apply_recompute(copy.deepcopy(model), recompute_names(model, model.recompute_stages(), "stages"))
     cpu = torch.device("cpu")
     torch.manual_seed(1)
     la = accumulate_gradients(model, [batch], device=cpu)

@@ -25,7 +25,6 @@ from megdet.engine.trainer import (
     NonFiniteLossError,
     accumulate_gradients,
     apply_update,
-    recompute_names,
     resolved_schedule_text,
     train,
 )
@@ -322,13 +321,13 @@ def test_detector_accumulation_2x1_equals_1x2_with_group_norm(tiny_cfg) -> None:
 
 @pytest.mark.parametrize("mode", ["blocks", "nested"])
 def test_recompute_names_and_equal_gradients(tiny_cfg, mode) -> None:
-    from megdet.layers.recompute import Recompute, apply_recompute
+    from megdet.layers.recompute import Recompute, apply_recompute, recompute_names
     from megdet.modeling.detector import build_model
 
     cfg = tiny_cfg("model.trainable_layers=3")
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    stages = recompute_names(model, "stages")
+    stages = recompute_names(model, model.recompute_stages(), "stages")
     assert stages == [
         "backbone.body.layer2",
         "backbone.body.layer3",
@@ -336,19 +335,19 @@ def test_recompute_names_and_equal_gradients(tiny_cfg, mode) -> None:
         "backbone.fpn",
         "roi_heads.box_head.head",
     ]
-    blocks = recompute_names(model, "blocks")
+    blocks = recompute_names(model, model.recompute_stages(), "blocks")
     assert "backbone.body.layer2.0" in blocks and "backbone.body.layer4.1" in blocks
     assert "backbone.fpn" in blocks and "roi_heads.box_head.head.fc6" in blocks
     assert not any(n.startswith(("backbone.body.stem", "backbone.body.layer1")) for n in blocks)
     assert "backbone.body.layer2" not in blocks
-    nested = recompute_names(model, "nested")
+    nested = recompute_names(model, model.recompute_stages(), "nested")
     # Every stage of "stages", with the residual stages' blocks listed before their stage.
     assert [n for n in nested if n in stages] == stages
     for stage in ("backbone.body.layer2", "backbone.body.layer4"):
         inner = [i for i, n in enumerate(nested) if n.startswith(stage + ".")]
         assert len(inner) == len(model.get_submodule(stage)) and max(inner) < nested.index(stage)
     assert "roi_heads.box_head.head.fc6" not in nested
-    assert recompute_names(model, "off") == []
+    assert recompute_names(model, model.recompute_stages(), "off") == []
 
     batch = next(iter(build_train_loader(cfg, 0, 1)))
     wrapped = apply_recompute(copy.deepcopy(model), blocks if mode == "blocks" else nested)

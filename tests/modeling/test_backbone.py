@@ -10,7 +10,6 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from megdet.layers.recompute import Recompute, apply_recompute
 from megdet.modeling.backbone import (
-    RECOMPUTE_STAGES,
     ConvFrozenBN,
     FoldedFrozenBN,
     ResNetBody,
@@ -193,7 +192,9 @@ def test_recompute_stage_names_wrap_and_keep_results() -> None:
     grads = {n: p.grad.clone() for n, p in bb.named_parameters()}
     keys = list(bb.state_dict())
 
-    apply_recompute(bb, RECOMPUTE_STAGES)
+    names = [s.name for s in bb.recompute_stages()]
+    assert names == ["body.stem", "body.layer1", "body.layer2", "body.layer3", "body.layer4", "fpn"]
+    apply_recompute(bb, names)
     assert isinstance(bb.body.layer2, Recompute) and isinstance(bb.fpn, Recompute)
     assert list(bb.state_dict()) == keys
     bb.zero_grad()

@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from drawn_targets import shape_and_person
 from torchvision.ops import box_iou
 
 from megdet.config import Config, ConfigError, load_config
-from megdet.modeling.detector import (
-    GeneralizedRCNN,
-    build_model,
-    build_model_from_kwargs,
-    load_model_state,
-    model_kwargs_from_config,
-)
+from megdet.modeling.detector import GeneralizedRCNN, build_model, load_model_state
 
 torch.set_num_threads(1)
 
@@ -157,7 +152,7 @@ def test_channels_last_layout_gives_the_same_results(pooler: str) -> None:
                f"model.roi.pooler={pooler}")  # fmt: skip
     torch.manual_seed(0)
     nchw = build_model(cfg)
-    nhwc = build_model_from_kwargs(model_kwargs_from_config(cfg), channels_last=True)
+    nhwc = GeneralizedRCNN.from_config(cfg, channels_last=True)
     nhwc.load_state_dict(nchw.state_dict())
     assert nchw.backbone.body.layer1[0].conv1.weight.is_contiguous()
     conv = nhwc.backbone.body.layer1[0].conv1.weight
@@ -297,23 +292,30 @@ def test_load_model_state_missing_and_unexpected_keys(small_model: GeneralizedRC
     torch.testing.assert_close(small_model.roi_heads.box_head.predictor.cls_score.weight, before + 1)
 
 
-def test_model_kwargs_follow_the_config() -> None:
-    kw = model_kwargs_from_config(_cfg("model.norm=FrozenBN", "model.mask_on=true", "model.roi.pooler=prroi"))
-    assert kw["backbone"]["norm"] == "FrozenBN" and kw["backbone"]["fpn_norm"] == "none"
-    assert kw["rpn"]["norm"] == "none" and kw["mask_head"]["norm"] == "none" and kw["keypoint_head"] is None
-    assert kw["box_head"]["pooler_type"] == "prroi" and kw["box_head"]["num_classes"] == 3
-    kw = model_kwargs_from_config(_cfg("model.norm=GN"))
-    assert kw["rpn"]["norm"] == "GN" and kw["box_head"]["norm"] == "GN"
+def _norms(module: torch.nn.Module) -> set[str]:
+    kinds = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torchvision.ops.misc.FrozenBatchNorm2d)
+    return {type(m).__name__ for m in module.modules() if isinstance(m, kinds)}
+
+
+def test_each_part_is_built_from_its_config_section() -> None:
+    model = build_model(_cfg("model.norm=FrozenBN", "model.mask_on=true", "model.roi.pooler=prroi"))
+    assert _norms(model.backbone.body) == {"FoldedFrozenBN"} and not _norms(model.backbone.fpn)
+    assert not _norms(model.rpn) and not _norms(model.roi_heads)  # FrozenBN: no norm in new layers
+    box = model.roi_heads.box_head
+    assert box.pooler.pooler_type == "prroi" and box.num_classes == 3 and model.roi_heads.keypoint_head is None
+    assert model.rpn.pre_nms_top_n == {"training": 100, "testing": 100} and model.rpn.fg_iou_thresh == 0.7
+    model = build_model(_cfg("model.norm=GN", "model.mask_on=true"))
+    assert _norms(model.rpn) == _norms(model.roi_heads) == {"GroupNorm"} == _norms(model.backbone.fpn)
     with pytest.raises(ConfigError, match="model.norm: unknown norm 'SyncBN'"):
-        model_kwargs_from_config(_cfg("model.norm=SyncBN"))
+        build_model(_cfg("model.norm=SyncBN"))
     # model.head_norm: the FPN / RPN / RoI heads apart from the backbone's norm.
-    kw = model_kwargs_from_config(_cfg("model.norm=CrossDeviceBN", "model.head_norm=GN", "model.mask_on=true"))
-    assert kw["backbone"]["norm"] == "CrossDeviceBN" and kw["backbone"]["fpn_norm"] == "GN"
-    assert kw["rpn"]["norm"] == "GN" and kw["mask_head"]["norm"] == "GN" and kw["box_head"]["norm"] == "GN"
+    model = build_model(_cfg("model.norm=CrossDeviceBN", "model.head_norm=GN", "model.mask_on=true"))
+    assert _norms(model.backbone.body) == {"CrossDeviceBatchNorm2d"}
+    assert _norms(model.backbone.fpn) == _norms(model.rpn) == _norms(model.roi_heads) == {"GroupNorm"}
     with pytest.raises(ConfigError, match="model.head_norm: unknown norm 'LN'"):
-        model_kwargs_from_config(_cfg("model.head_norm=LN"))
+        build_model(_cfg("model.head_norm=LN"))
     with pytest.raises(ConfigError, match="model.bn_group_size: expected >= 0, got -2"):
-        model_kwargs_from_config(_cfg("model.bn_group_size=-2"))
+        build_model(_cfg("model.bn_group_size=-2"))
     with pytest.raises(ValueError, match="model.roi.pooler: unknown value 'roipool'"):
         build_model(_cfg("model.roi.pooler=roipool"))
     with pytest.raises(ValueError, match="model.roi.box_head: unknown value '3fc'"):
