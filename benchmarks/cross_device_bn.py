@@ -127,7 +127,7 @@ def count_collectives(model: Any, norm: str, batch: Any, cfg: Any, iterations: i
     from torch.nn.parallel import DistributedDataParallel
 
     from megdet.engine.lr_policy import build_optimizer
-    from megdet.engine.trainer import ddp_buffer_kwargs
+    from megdet.engine.setup import ddp_buffer_kwargs
     from megdet.layers import collectives
     from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 
@@ -241,31 +241,25 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: builds both variants, times them alternately, counts their collectives."""
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from megdet.config import load_config
     from megdet.distributed import all_gather_object, barrier, cleanup_distributed, init_distributed
     from megdet.engine.lr_policy import build_optimizer
-    from megdet.engine.trainer import accumulate_gradients, apply_update, ddp_buffer_kwargs
-    from megdet.layers.recompute import apply_recompute, recompute_names
-    from megdet.modeling.detector import build_model
+    from megdet.engine.setup import build_training_model, wrap_ddp
+    from megdet.engine.trainer import accumulate_gradients, apply_update
 
     rank, world, _, device = init_distributed(device="cpu")
     torch.set_num_threads(args.threads)  # init_distributed divides the cores; the benchmark fixes it
     try:
         models, ddps, optimizers, params, cfgs = {}, {}, {}, {}, {}
         for norm in VARIANTS:
-            cfg = load_config(args.config, [f"model.norm={norm}", "train.device=cpu", "model.bn_group_size=0"])
+            cfg = load_config(args.config, [f"model.norm={norm}", "train.device=cpu", "model.bn_group_size=0",
+                                            f"train.sublinear_memory={args.sublinear_memory}"])  # fmt: skip
             cfgs[norm] = cfg
-            torch.manual_seed(0)  # the trainer's rule: identical initial weights on every rank
-            model = build_model(cfg)
-            names = recompute_names(model, model.recompute_stages(), args.sublinear_memory)
-            if names:
-                apply_recompute(model, names)
-            model.train()
+            # The trainer's model (identical initial weights on every rank) and DDP settings for each norm.
+            model, _ = build_training_model(cfg, device)
             models[norm] = model
-            # The trainer's DDP settings for each norm.
-            ddps[norm] = DistributedDataParallel(model, find_unused_parameters=False, **ddp_buffer_kwargs(model))
+            ddps[norm] = wrap_ddp(model, device, 0, world)
             optimizers[norm] = build_optimizer(model, cfg.solver, LR)
             params[norm] = [p for p in model.parameters() if p.requires_grad]
         m = cfgs["BN"].model

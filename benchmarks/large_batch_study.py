@@ -259,7 +259,7 @@ def resolve_runs(
 
     Raises a ValueError (ConfigError) naming the first run that cannot work, before any run starts.
     """
-    from megdet.engine.trainer import schedule_for
+    from megdet.engine.setup import schedule_for
 
     out = {}
     for s in specs:

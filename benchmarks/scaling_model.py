@@ -324,14 +324,12 @@ def measure_seconds_per_image(config: str, size: int, images: int, threads: int,
 
     from megdet.config import load_config
     from megdet.engine.lr_policy import build_optimizer
+    from megdet.engine.setup import build_training_model
     from megdet.engine.trainer import accumulate_gradients, apply_update
-    from megdet.modeling.detector import build_model
 
     torch.set_num_threads(threads)
     cfg = load_config(config, ["model.norm=BN", "train.device=cpu"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
+    model, _ = build_training_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.solver, 1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
     batch = synthetic_batch(num_images=images, height=size, width=size, num_classes=cfg.model.num_classes,

@@ -4,9 +4,9 @@ Model: our ResNet-50 FPN Faster R-CNN from ``configs/coco_faster_r50_fpn.yaml`` 
 (trainable BatchNorm everywhere, so BN layers sit inside the recomputed blocks and their running
 statistics guard is exercised), all five stages trained, fp32, CPU. One step = the trainer's own
 ``accumulate_gradients`` (forward + backward) and ``apply_update`` (SGD with momentum), on an
-in-memory batch of random images with 8 random boxes each. Recomputation is applied exactly as the
-trainer applies ``train.sublinear_memory``: ``megdet.engine.trainer.recompute_names(model, mode)``
-wrapped by ``megdet.layers.recompute.apply_recompute``. Reference: torchvision's
+in-memory batch of random images with 8 random boxes each. The model is the trainer's own
+(``megdet.engine.setup.build_training_model``: the blocks ``train.sublinear_memory`` names recomputed,
+as ``model.recompute_stages()`` offers them). Reference: torchvision's
 ``fasterrcnn_resnet50_fpn`` (no recomputation option; BatchNorm since no weights are given; RPN / RoI
 sample sizes and proposal counts set to ours) in the same run at the first size.
 
@@ -143,22 +143,13 @@ def _watchdog(base_mb: float, budget_mb: float, emit: _Emitter) -> None:
 
 def _build_megdet(spec: WorkerSpec, device: Any) -> tuple[Any, Any, list[Any], int, Any]:
     """(model, optimizer, trainable params, number of recomputed blocks, batch) for a megdet worker."""
-    import torch
 
     from megdet.config import load_config
     from megdet.engine.lr_policy import build_optimizer
-    from megdet.layers.recompute import apply_recompute, recompute_names
-    from megdet.modeling.detector import build_model
+    from megdet.engine.setup import build_training_model
 
-    cfg = load_config(spec.config, spec.overrides)
-    torch.manual_seed(spec.seed)
-    model = build_model(cfg)
-    # The trainer's order: build, move to the device, wrap the recomputed blocks, train mode.
-    model.to(device)
-    names = recompute_names(model, model.recompute_stages(), spec.mode)
-    if names:
-        apply_recompute(model, names)
-    model.train()
+    cfg = load_config(spec.config, [*spec.overrides, f"train.seed={spec.seed}", f"train.sublinear_memory={spec.mode}"])
+    model, names = build_training_model(cfg, device)
     optimizer = build_optimizer(model, cfg.solver, LR)
     params = [p for p in model.parameters() if p.requires_grad]
     batch = synthetic_batch(

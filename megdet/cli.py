@@ -88,7 +88,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     if args.print_config:
-        from megdet.engine.trainer import resolved_schedule_text
+        from megdet.engine.setup import resolved_schedule_text
 
         cfg.validate(world)
         print(dump_config(cfg), end="")

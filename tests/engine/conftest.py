@@ -6,6 +6,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,3 +89,20 @@ def _signal_when_ready(
 def signal_when_ready() -> Callable[..., tuple[str, str]]:
     """``signal_when_ready(proc, ready, send) -> (stdout, stderr)``, for the SIGTERM tests."""
     return _signal_when_ready
+
+
+@pytest.fixture
+def die_in() -> Callable[[int], Any]:
+    """``die_in(k)``: a trainer hook raising RuntimeError("simulated kill") in iteration k (1-based),
+    before its step -- an exception standing in for a kill."""
+    from megdet.engine.hooks import Hook
+
+    class DieIn(Hook):
+        def __init__(self, iteration: int) -> None:
+            self.iteration = iteration
+
+        def before_step(self, state: Any) -> None:
+            if state.iteration + 1 == self.iteration:
+                raise RuntimeError("simulated kill")
+
+    return DieIn

@@ -17,7 +17,6 @@ from megdet.cli import main
 from megdet.config import load_config
 from megdet.data.loader import build_train_loader
 from megdet.data.synthetic import generate_synthetic_coco
-from megdet.engine import trainer as trainer_mod
 from megdet.engine.trainer import accumulate_gradients, train
 from megdet.layers.cross_device_bn import CrossDeviceBatchNorm2d
 from megdet.layers.recompute import apply_recompute, recompute_names
@@ -80,7 +79,7 @@ def _tiny_demo_context(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_context_run_resumes_exactly_then_eval_tta_and_predict(
-    stuff_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    stuff_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, die_in
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -89,19 +88,9 @@ def test_context_run_resumes_exactly_then_eval_tta_and_predict(
     assert full["iteration"] == 4 and full["losses"]["loss_sem_seg"] > 0
 
     # A second run dies in iteration 3, after the checkpoint at 2, and resumes.
-    real_update, calls = trainer_mod.apply_update, {"n": 0}
-
-    def dying_update(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated kill")
-        return real_update(*args, **kwargs)
-
     cfg = load_config(DEMO_CONTEXT, _tiny_demo_context(stuff_root, resumed_dir, "test.eval_period=-1"))
-    monkeypatch.setattr(trainer_mod, "apply_update", dying_update)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train(cfg)
-    monkeypatch.setattr(trainer_mod, "apply_update", real_update)
+        train(cfg, hooks=[die_in(3)])
     assert train(cfg, resume=True)["iteration"] == 4
     a = load_checkpoint(full_dir / "model_0000004.pt")
     b = load_checkpoint(resumed_dir / "model_0000004.pt")

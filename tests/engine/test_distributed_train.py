@@ -22,19 +22,17 @@ WORKER = textwrap.dedent(
 
     cfg = load_config(sys.argv[1], sys.argv[2:])
     die_at = int(os.environ.get("MEGDET_TEST_DIE_AT", "0"))
-    if die_at:  # every rank dies in that update (an exception stands in for a kill)
-        import megdet.engine.trainer as trainer_mod
+    hooks = []
+    if die_at:  # every rank dies in that iteration (an exception stands in for a kill)
+        from megdet.engine.hooks import Hook
 
-        real_update, calls = trainer_mod.apply_update, []
+        class Die(Hook):
+            def before_step(self, state):
+                if state.iteration + 1 == die_at:
+                    raise RuntimeError("simulated kill")
 
-        def dying_update(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == die_at:
-                raise RuntimeError("simulated kill")
-            return real_update(*args, **kwargs)
-
-        trainer_mod.apply_update = dying_update
-    summary = train(cfg, resume="--resume" in os.environ.get("MEGDET_TEST_FLAGS", ""))
+        hooks.append(Die())
+    summary = train(cfg, resume="--resume" in os.environ.get("MEGDET_TEST_FLAGS", ""), hooks=hooks)
     rank = int(os.environ["RANK"])
     with open(os.path.join(cfg.train.out_dir, f"summary_{rank}.json"), "w") as f:
         json.dump({"summary": summary, "world": os.environ["WORLD_SIZE"]}, f)

@@ -260,7 +260,7 @@ DEMO_POLICY = {
 
 @pytest.mark.parametrize("batch", sorted(DEMO_POLICY))
 def test_demo_policy_from_batch_8_to_128(batch: int) -> None:
-    from megdet.engine.trainer import bn_statistics_text, schedule_for
+    from megdet.engine.setup import bn_statistics_text, schedule_for
 
     cfg = load_config("configs/demo.yaml", [f"data.images_per_device={batch // 2}"])
     info = schedule_for(cfg, world_size=2, num_images=1000)

@@ -20,14 +20,9 @@ from torch import nn
 from megdet.checkpoint import CheckpointManager, load_checkpoint
 from megdet.config import ConfigError, config_to_dict, dump_config, load_config
 from megdet.data.loader import Batch, build_train_loader
-from megdet.engine import trainer as trainer_mod
-from megdet.engine.trainer import (
-    NonFiniteLossError,
-    accumulate_gradients,
-    apply_update,
-    resolved_schedule_text,
-    train,
-)
+from megdet.engine.hooks import Hook
+from megdet.engine.setup import ddp_buffer_kwargs, resolved_schedule_text
+from megdet.engine.trainer import NonFiniteLossError, accumulate_gradients, apply_update, train
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -56,7 +51,7 @@ def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
 # the same GradScaler code as on CUDA) adds the scaler's state, whose scale must survive the kill.
 @pytest.mark.parametrize(("workers", "optimizer", "amp"), [(0, "sgd", "off"), (2, "adamw", "off"), (0, "sgd", "fp16")])
 def test_killed_and_resumed_run_is_bit_identical(
-    tiny_cfg, tmp_path, monkeypatch, workers: int, optimizer: str, amp: str
+    tiny_cfg, tmp_path, die_in, workers: int, optimizer: str, amp: str
 ) -> None:
     # Evaluation (with workers=0 in fp32 only, to save time) must not disturb the training stream either.
     evals = ["test.eval_period=2", "test.max_images=2"] if workers == 0 and amp == "off" else []
@@ -65,21 +60,10 @@ def test_killed_and_resumed_run_is_bit_identical(
     full = train(tiny_cfg(*common, f"train.out_dir={tmp_path / 'full'}"))
     assert full["iteration"] == 4 and (not evals or "bbox" in full["eval"])
 
-    # The second run dies in iteration 3, after the checkpoint at 2 (an exception stands in for a kill).
-    real_update = trainer_mod.apply_update
-    calls = {"n": 0}
-
-    def dying_update(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated kill")
-        return real_update(*args, **kwargs)
-
+    # The second run dies in iteration 3, after the checkpoint at 2.
     cfg = tiny_cfg(*common, f"train.out_dir={tmp_path / 'resumed'}")
-    monkeypatch.setattr(trainer_mod, "apply_update", dying_update)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train(cfg)
-    monkeypatch.setattr(trainer_mod, "apply_update", real_update)
+        train(cfg, hooks=[die_in(3)])
     assert CheckpointManager(tmp_path / "resumed").latest().name == "model_0000002.pt"
     resumed = train(cfg, resume=True)
     assert resumed["iteration"] == 4
@@ -168,28 +152,27 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_cfg, tmp_path, sign
     assert load_checkpoint(again["checkpoint"])["iteration"] == k + 1
 
 
-def test_non_finite_loss_stops_without_touching_the_last_checkpoint(tiny_cfg, monkeypatch) -> None:
-    import megdet.modeling.detector as detector
+class _PoisonFrom(Hook):
+    """Makes the model's classifier loss NaN from its ``call``-th forward on."""
 
-    real_build = detector.build_model
-    calls = {"n": 0}
+    def __init__(self, call: int) -> None:
+        self.call, self.calls = call, 0
 
-    def poison(module, args, output):
-        calls["n"] += 1
-        if calls["n"] >= 3:
+    def before_train(self, state) -> None:
+        state.model.register_forward_hook(self.poison)
+
+    def poison(self, module, args, output):
+        self.calls += 1
+        if self.calls >= self.call:
             output = dict(output)
             output["loss_classifier"] = output["loss_classifier"] * float("nan")
         return output
 
-    def build_poisoned(cfg):
-        model = real_build(cfg)
-        model.register_forward_hook(poison)
-        return model
 
-    monkeypatch.setattr(detector, "build_model", build_poisoned)
+def test_non_finite_loss_stops_without_touching_the_last_checkpoint(tiny_cfg) -> None:
     cfg = tiny_cfg("train.max_iters=6", "train.checkpoint_period=2")
     with pytest.raises(NonFiniteLossError) as e:
-        train(cfg)
+        train(cfg, hooks=[_PoisonFrom(3)])
     msg = str(e.value)
     assert "\n" not in msg
     assert "iteration 3" in msg and "loss_classifier=nan" in msg and "lr=" in msg
@@ -247,13 +230,13 @@ def test_ddp_syncs_buffers_only_for_plain_batchnorm() -> None:
     from megdet.layers import CrossDeviceBatchNorm2d
 
     def sync(*layers: nn.Module) -> bool:
-        (value,) = trainer_mod.ddp_buffer_kwargs(nn.Sequential(*layers)).values()
+        (value,) = ddp_buffer_kwargs(nn.Sequential(*layers)).values()
         return value
 
     assert sync(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     assert not sync(CrossDeviceBatchNorm2d(4), nn.GroupNorm(2, 4), nn.BatchNorm2d(4, track_running_stats=False))
     assert sync(CrossDeviceBatchNorm2d(4), nn.BatchNorm2d(4))  # cross-device backbone, BN heads
-    (name,) = trainer_mod.ddp_buffer_kwargs(nn.Sequential()).keys()
+    (name,) = ddp_buffer_kwargs(nn.Sequential()).keys()
     assert name in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
 
 
@@ -518,7 +501,7 @@ def test_trains_and_resumes_on_cuda(tiny_cfg, amp: str) -> None:
 
 
 def test_channels_last_auto_only_for_reduced_precision_on_cuda() -> None:
-    from megdet.engine.trainer import use_channels_last
+    from megdet.engine.setup import use_channels_last
 
     assert use_channels_last("auto", "cuda", "bf16") and use_channels_last("auto", "cuda", "fp16")
     assert not use_channels_last("auto", "cuda", "off") and not use_channels_last("auto", "cpu", "bf16")

@@ -1,0 +1,367 @@
+"""What happens around the training loop's steps, as hooks (detectron2's pattern).
+
+:class:`~megdet.engine.trainer.Trainer` calls, on every hook in order, ``before_train(state)``, then per
+iteration ``before_step(state)`` and ``after_step(state, step)``, then ``after_train(state)`` when the
+loop ends without an exception, and ``close()`` always. The default hooks, in their order:
+
+- :class:`StopOnSignal`: SIGTERM sets ``state.stop_signal``; the loop turns it into a decision every
+  rank takes at the same iteration (its step reduction carries the flag).
+- :class:`MetricsWriter`: the progress bar, ``metrics.jsonl`` and TensorBoard (rank 0).
+- :class:`PeriodicCheckpointer`: a checkpoint every ``train.checkpoint_period`` iterations, at the end
+  and when stopping.
+- :class:`StopReporter`: says where a stopped run saved.
+- :class:`PeriodicEvaluator`: evaluation every ``test.eval_period`` iterations and at the end.
+- :class:`FinalWeights`: ``model_final.pt`` and ``summary.json`` of a finished run.
+
+Everything a run writes comes from rank 0 (:class:`RunLog` is a no-op elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megdet.config import Config
+from megdet.data.layout import split_files
+from megdet.distributed import barrier
+from megdet.engine.setup import TrainState
+from megdet.files import write_text_atomic
+
+__all__ = [
+    "FinalWeights",
+    "Hook",
+    "MetricsWriter",
+    "PeriodicCheckpointer",
+    "PeriodicEvaluator",
+    "RunLog",
+    "StepResult",
+    "StopOnSignal",
+    "StopReporter",
+    "memory_mb",
+]
+
+
+@dataclass
+class StepResult:
+    """What one iteration of the loop produced (the same on every rank, except ``data_time``)."""
+
+    losses: dict[str, float]  # each loss term and total_loss, averaged over the micro-batches and ranks
+    lr: float  # the learning rate the step used
+    grad_norm: float | None  # before clipping, when train.grad_clip is on
+    data_time: float  # seconds this rank waited for its batches
+    stop: bool  # some rank asked to stop: every rank stops after this iteration
+
+
+class Hook:
+    """Does nothing at every point; subclasses override what they need."""
+
+    def before_train(self, state: TrainState) -> None:
+        pass
+
+    def before_step(self, state: TrainState) -> None:
+        pass
+
+    def after_step(self, state: TrainState, step: StepResult) -> None:
+        pass
+
+    def after_train(self, state: TrainState) -> None:
+        pass
+
+    def close(self) -> None:
+        """Called last, also when the loop raised."""
+
+
+def _finished(state: TrainState) -> bool:
+    return state.iteration >= state.total_iters
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank 0's outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocated on GPU, resident set size of this process on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
+
+
+def _truncate_metrics(path: Path, start_iter: int) -> None:
+    """Drops lines beyond ``start_iter`` (left by a run that went on past its last checkpoint)."""
+    if not path.is_file():
+        return
+    if start_iter == 0:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("iter", 0)) <= start_iter:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class RunLog:
+    """Rank 0's outputs: tqdm bar, metrics.jsonl, TensorBoard. Every method is a no-op elsewhere."""
+
+    def __init__(self, out_dir: Path, main: bool, start_iter: int, total_iters: int) -> None:
+        self.main = main
+        self.bar = None
+        self.tb = None
+        self.metrics_path = out_dir / "metrics.jsonl"
+        if not main:
+            return
+        from tqdm import tqdm
+
+        _truncate_metrics(self.metrics_path, start_iter)
+        self.metrics = open(self.metrics_path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_iter if start_iter > 0 else None)
+        # Created at the first update, so that the start-up lines print above it.
+        self._new_bar = lambda: tqdm(
+            total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True, mininterval=1.0
+        )
+
+    def info(self, msg: str) -> None:
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+            sys.stdout.flush()
+
+    def progress(self, values: Mapping[str, float]) -> None:
+        if self.main:
+            if self.bar is None:
+                self.bar = self._new_bar()
+            short = {k.removeprefix("loss_"): f"{v:.3g}" for k, v in values.items()}
+            self.bar.set_postfix(short, refresh=False)
+            self.bar.update(1)
+
+    def record(self, iteration: int, values: Mapping[str, Any]) -> None:
+        if not self.main:
+            return
+        self.metrics.write(json.dumps({"iter": iteration, **values}) + "\n")
+        self.metrics.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and k != "time":
+                self.tb.add_scalar(
+                    k if k.startswith("loss") or k == "total_loss" else f"train/{k}", v, iteration
+                )
+        self.tb.flush()
+
+    def record_eval(self, iteration: int, results: Mapping[str, Any]) -> None:
+        if not self.main:
+            return
+        stats = {task: r.get("stats", r) for task, r in results.items()}
+        self.metrics.write(json.dumps({"iter": iteration, "eval": stats}) + "\n")
+        self.metrics.flush()
+        for task, values in stats.items():
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and v >= 0:
+                    self.tb.add_scalar(f"eval/{task}/{k}", v, iteration)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.main:
+            self.metrics.close()
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The hooks
+# --------------------------------------------------------------------------------------------------
+
+
+class StopOnSignal(Hook):
+    """Turns SIGTERM into ``state.stop_signal``, read by the loop after every step (main thread only)."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    def before_train(self, state: TrainState) -> None:
+        def handle(signum: int, frame: Any) -> None:
+            state.stop_signal = signum
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class MetricsWriter(Hook):
+    """Every iteration the progress bar; every ``train.log_period`` iterations (and the last) a line of
+    window averages in ``metrics.jsonl`` and TensorBoard: losses, lr, gradient norm, images/s, the
+    time spent waiting for data (more than a few % means data.num_workers is too low), peak memory."""
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+        self.last_logged: dict[str, float] = {}
+        self._window: dict[str, float] = {}
+        self._iters = 0
+        self._data_s = 0.0
+        self._window_start = self._run_start = time.perf_counter()
+
+    def before_train(self, state: TrainState) -> None:
+        self._window_start = self._run_start = time.perf_counter()
+
+    def after_step(self, state: TrainState, step: StepResult) -> None:
+        for k, v in step.losses.items():
+            self._window[k] = self._window.get(k, 0.0) + v
+        if step.grad_norm is not None:
+            self._window["grad_norm"] = self._window.get("grad_norm", 0.0) + step.grad_norm
+        self._iters += 1
+        self._data_s += step.data_time
+        ips = self._iters * state.schedule.global_batch / max(time.perf_counter() - self._window_start, 1e-9)
+        mem = memory_mb(state.device)
+        self.log.progress({**step.losses, "lr": step.lr, "img/s": ips, "mem_mb": mem})
+        if state.iteration % state.cfg.train.log_period == 0 or _finished(state):
+            self.last_logged = {k: v / self._iters for k, v in self._window.items()}
+            record = {
+                "lr": step.lr,
+                **self.last_logged,
+                "images_per_s": ips,
+                "data_time": self._data_s / self._iters,
+                "memory_mb": mem,
+                "time": time.perf_counter() - self._run_start,
+            }
+            self.log.record(state.iteration, record)
+            self._window, self._iters, self._data_s = {}, 0, 0.0
+            self._window_start = time.perf_counter()
+
+    def losses(self) -> dict[str, float]:
+        """The last logged window's averages, else those of the window so far."""
+        if not self.last_logged and self._iters:
+            return {k: v / self._iters for k, v in self._window.items()}
+        return self.last_logged
+
+
+class PeriodicCheckpointer(Hook):
+    """A resumable checkpoint every ``train.checkpoint_period`` iterations, at the last iteration and
+    when the run stops early; a run resumed at (or past) its end still leaves its final checkpoint.
+    Writing is a collective (every rank's RNG states); rank 0 writes the file."""
+
+    def after_step(self, state: TrainState, step: StepResult) -> None:
+        if state.iteration % state.cfg.train.checkpoint_period == 0 or _finished(state) or step.stop:
+            self.save(state)
+
+    def after_train(self, state: TrainState) -> None:
+        if _finished(state) and state.last_checkpoint != state.checkpoints.path_for(state.iteration):
+            self.save(state)
+
+    @staticmethod
+    def save(state: TrainState) -> Path:
+        checkpoint = state.checkpoint()  # a collective: every rank builds it
+        path = state.checkpoints.path_for(state.iteration)
+        if state.main:
+            path = state.checkpoints.save(state.iteration, checkpoint.to_dict())
+        barrier()
+        state.last_checkpoint = path
+        return path
+
+
+class StopReporter(Hook):
+    """Says which checkpoint a stopped run left (after :class:`PeriodicCheckpointer` wrote it)."""
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+
+    def after_step(self, state: TrainState, step: StepResult) -> None:
+        if step.stop:
+            self.log.info(f"SIGTERM: saved {state.last_checkpoint} at iteration {state.iteration}; stopping")
+
+
+def evaluation_unavailable(cfg: Config) -> str | None:
+    """None when evaluation during training can run, else why not (one line)."""
+    if cfg.test.eval_period < 0:
+        return "test.eval_period < 0"
+    ann = split_files(cfg.data.root, cfg.data.val_split).instances
+    if not ann.is_file():
+        return f"{ann} not found"
+    return None
+
+
+class PeriodicEvaluator(Hook):
+    """COCO evaluation of ``data.val_split`` every ``test.eval_period`` iterations (0: only at the end) and
+    at the last iteration, not when stopping early; results in ``eval/iter_XXXXXXX/``, the table in the
+    log and the stats in ``metrics.jsonl``.
+
+    Every rank evaluates its shard with rank 0's buffers, i.e. exactly the model that rank 0
+    checkpoints. Otherwise plain-BN replicas differ by their last local statistics update (DDP syncs
+    buffers before a forward, not after), as do cross-device BN groups smaller than the world. Only
+    evaluation reads running statistics, so training is unaffected; it also runs under a forked RNG.
+    """
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+        self.results: dict[str, Any] | None = None
+        self.unavailable: str | None = None
+
+    def before_train(self, state: TrainState) -> None:
+        self.unavailable = evaluation_unavailable(state.cfg)
+
+    def after_step(self, state: TrainState, step: StepResult) -> None:
+        if step.stop:
+            return
+        period = state.cfg.test.eval_period
+        due = (period > 0 and state.iteration % period == 0) or _finished(state)
+        if due and self.unavailable is None:
+            self.results = self.evaluate(state)
+        elif _finished(state) and self.unavailable is not None:
+            self.log.info(f"evaluation skipped: {self.unavailable}")
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        from megdet.evaluation.coco_eval import format_eval_table
+        from megdet.evaluation.inference import evaluate_model
+
+        if state.world_size > 1:
+            for buffer in state.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        results = evaluate_model(
+            state.model,
+            state.cfg,
+            out_dir=state.out_dir / "eval" / f"iter_{state.iteration:07d}",
+            rank=state.rank,
+            world_size=state.world_size,
+            progress=False,
+        )
+        if state.main and results:
+            self.log.info(f"evaluation at iteration {state.iteration}:\n{format_eval_table(results)}")
+            self.log.record_eval(state.iteration, results)
+        return results
+
+
+class FinalWeights(Hook):
+    """A finished run's ``model_final.pt`` (the model, its config and categories only: what ``megdet
+    eval/predict --weights`` take, under a stable name) and ``summary.json``; rank 0."""
+
+    def after_train(self, state: TrainState) -> None:
+        if not state.main or state.interrupted or state.last_checkpoint is None:
+            return
+        from megdet.checkpoint import save_checkpoint
+
+        save_checkpoint(state.out_dir / "model_final.pt", state.weights().to_dict())
+        summary = {"iteration": state.iteration, "checkpoint": str(state.last_checkpoint),
+                   **dataclasses.asdict(state.schedule)}  # fmt: skip
+        write_text_atomic(state.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
