@@ -95,8 +95,8 @@ def _require_positive_list(key: str, values: Sequence[float], what: str = "numbe
 class _YamlLoader(yaml.SafeLoader):
     """yaml.SafeLoader with YAML 1.2 booleans: only true / false.
 
-    YAML 1.1 (PyYAML's default) also reads on / off / yes / no as booleans, which turned the documented
-    ``train.amp=off`` into False and then into a type error.
+    YAML 1.1 (PyYAML's default) also reads on / off / yes / no as booleans, which would turn the
+    documented ``train.amp=off`` into False and then into a type error.
     """
 
 
@@ -482,7 +482,7 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16
     sublinear_memory: str = "off"  # off | stages | blocks | nested: granularity of activation recomputation
     grad_clip: float = 0.0  # max gradient norm; 0 disables
-    # NHWC activations: auto = on for CUDA with bf16/fp16 autocast (where it measured faster), else off
+    # NHWC activations: auto = on for CUDA with bf16/fp16 autocast (faster there: BENCHMARKS.md), else off
     channels_last: str = "auto"  # auto | on | off
     grad_accum_steps: int = 1
     checkpoint_period: int = 500  # iterations

@@ -2,10 +2,8 @@
 
 Why not only ``torch.distributed``: on CPU the only backend is gloo, which moves every collective
 through loopback TCP and its own I/O threads. For the few-KiB tensors that cross-device BatchNorm
-reduces twice per layer, that costs about 1.4 ms per call between two idle processes of the
-project's 2-core machine (``benchmarks/cross_device_bn.py`` measures it), which is 75 ms per
-iteration of the demo's 27 BatchNorm layers -- more than the arithmetic of the layers themselves.
-When every rank of a group runs on the same machine, this module reduces instead through a small
+reduces twice per layer, that latency adds up to more than the arithmetic of the layers themselves
+(``benchmarks/cross_device_bn.py`` measures both transports; BENCHMARKS.md). When every rank of a group runs on the same machine, this module reduces instead through a small
 shared-memory segment: each rank copies its tensor into its own slot, publishes a sequence number,
 waits for the others' and sums the slots in rank order. The sum is computed by every rank in the
 same order from the same bytes, so all ranks get bit-identical results (as with gloo).
@@ -111,9 +109,8 @@ class _SharedMemoryGroup:
                 if checks <= _SPIN_CHECKS:
                     continue
                 # Past the spin budget the other ranks are far behind, or need this core: sleep, which
-                # frees it. os.sched_yield() did not: 2 ranks x 2 threads on 2 cores (torchrun with one
-                # process per "node" on one machine) took 4 s per step, 1.3 s with the sleep, 1.5 s
-                # with gloo; benchmarks/cross_device_bn.py unchanged within noise (1.06-1.11x both).
+                # frees it. os.sched_yield() does not when ranks and their threads outnumber the cores
+                # (BENCHMARKS.md, cross-device BatchNorm).
                 time.sleep(20e-6)
                 now = time.monotonic()
                 if deadline is None:

@@ -82,9 +82,8 @@ def _var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _local_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel biased variance and mean of an (N, C, H, W) tensor (N * H * W > 0)."""
     if x.device.type == "cpu":
-        # ATen's own BatchNorm statistics kernel (Welford, like var_mean): on the project's CPU it took
-        # 0.92 ms for a 2x64x80x80 float32 tensor where torch.var_mean over dims (0, 2, 3) took 3.6 ms,
-        # which alone made the layer 2.8-4.3x native BatchNorm2d (0.12 ms vs 3.8 ms channels-last).
+        # ATen's own BatchNorm statistics kernel (Welford, like var_mean): on CPU torch.var_mean over
+        # dims (0, 2, 3) is several times slower and dominated the layer's time (BENCHMARKS.md).
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
         return var, mean
     # Elsewhere (CUDA) var_mean; the 2-rank CPU test runs the layer through this function as well.
@@ -152,8 +151,7 @@ class _CrossDeviceBatchNormFunction(torch.autograd.Function):
         mean_a = mean.to(acc)
         invstd_a = invstd.to(acc)
         # The normalisation itself is ATen's fused CPU/CUDA batch_norm in inference form, fed the group
-        # statistics: one pass over x instead of the four of a broadcast expression (with the fused
-        # backward below, the layer went from ~3x to 1.2-1.9x native BatchNorm2d; BENCHMARKS.md).
+        # statistics: one pass over x instead of the four of a broadcast expression.
         if local_count > 0:
             y = torch.nn.functional.batch_norm(
                 xa, mean_a, var.to(acc), _opt(weight, acc), _opt(bias, acc), training=False, eps=eps

@@ -22,8 +22,8 @@ Cost. Only the feature cells a RoI touches matter, so each RoI reads a window of
 touched cells, plus one for the interpolation support) rather than the whole map. RoIs are sorted
 by window size and processed in chunks that share one padded window size, so one gather and two
 batched matmuls serve a whole chunk. The gather reads a channels-last copy of the map (each window
-element is then one contiguous run of C values; gathering from NCHW directly measured ~4x slower
-per element on CPU, more than the copy costs). A hand-written backward scatter-adds
+element is then one contiguous run of C values; gathering from NCHW directly is slower per element on
+CPU by more than the copy costs, BENCHMARKS.md). A hand-written backward scatter-adds
 ``Ay^T @ dOut @ Ax`` into a channels-last gradient with ``index_add_`` and re-gathers the windows
 only when the RoI gradient is needed, so no window-sized tensor lives between forward and backward.
 :func:`prroi_pool_levels` does all FPN levels in one call, writing each RoI straight to its row.
@@ -108,8 +108,8 @@ def _to_channels_last(features: Tensor) -> Tensor:
         return nhwc.reshape(n_img * h * w, c)
     out = features.new_empty((n_img, h * w, c))
     for i in range(n_img):
-        # A 2-D transposed copy takes PyTorch's blocked-transpose path (about 3x faster on CPU
-        # than copying the 4-D permuted view).
+        # A 2-D transposed copy takes PyTorch's blocked-transpose path, faster on CPU than copying the
+        # 4-D permuted view (BENCHMARKS.md).
         out[i].copy_(features[i].reshape(c, h * w).t())
     return out.reshape(n_img * h * w, c)
 

@@ -50,9 +50,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Launch shapes, from a sweep on an H200 (benchmarks/prroi_pool.py inputs). Channels per program
-# (a warp's 32 threads take one channel each, so the sum over the bins of a row stays inside a
-# thread; the backward was faster with one warp of 32 channels than with 2 x 64 or 4 x 128) and,
+# Launch shapes, chosen by a sweep over benchmarks/prroi_pool.py's inputs (BENCHMARKS.md). Channels per
+# program (a warp's 32 threads take one channel each, so the sum over the bins of a row stays inside a
+# thread; the backward takes one warp of 32 channels) and,
 # for the feature gradient, how many programs share one RoI's window rows (a large RoI's window is
 # many times a small one's: splitting its rows evens out the programs' lengths).
 FWD_BLOCK_C, FWD_WARPS = 64, 2

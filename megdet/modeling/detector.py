@@ -43,9 +43,9 @@ class GeneralizedRCNN(nn.Module):
 
     ``channels_last`` stores every conv weight in NHWC order; convolutions then produce NHWC
     activations from the first layer on, whatever the input's layout. Results are the same up to
-    float rounding and state_dicts do not change. Off by default: on the project's AVX2 CPU, oneDNN
-    ran the forward about 30% faster in NHWC but the backward about 40% slower (a training step
-    ~15% slower); it is worth trying for inference and for mixed precision on GPUs.
+    float rounding and state_dicts do not change. Off by default: on CPU (oneDNN) a training step is
+    slower in NHWC, whose backward loses more than its forward gains (BENCHMARKS.md); the trainer turns
+    it on for mixed precision on GPUs (``train.channels_last``).
     """
 
     def __init__(
