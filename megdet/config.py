@@ -363,7 +363,8 @@ class DataConfig:
     """Where the COCO-format data is and how it is loaded.
 
     Images of split S are read from ``root/S`` (or ``image_dir_S``-style overrides below) and
-    annotations from ``root/annotations/instances_S.json`` and ``person_keypoints_S.json``.
+    annotations from ``root/annotations/instances_S.json`` and ``person_keypoints_S.json``
+    (:mod:`megdet.data.layout`).
     Real COCO 2017: ``root=/data/coco train_split=train2017 val_split=val2017``.
     """
 
