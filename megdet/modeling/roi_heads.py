@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,20 @@ from megdet.modeling.semantic import RoIContext, SemanticContext
 POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 ImageSizes = Sequence[Sequence[int]]
+
+
+def _pooled_head_arguments(cfg: ModelConfig, in_channels: int, scales: Sequence[float]) -> dict[str, Any]:
+    """The keyword arguments every RoI head takes alike: its input (``in_channels`` at ``scales``), how it
+    pools (``model.roi.pooler``, ``sampling_ratio``, ``aligned``) and its norm (``model.head_norm``)."""
+    roi = cfg.roi
+    return {
+        "in_channels": in_channels,
+        "scales": scales,
+        "pooler_type": roi.pooler,
+        "sampling_ratio": roi.sampling_ratio,
+        "aligned": roi.aligned,
+        "norm": head_norm_of(cfg),
+    }
 
 
 def _make_pooler(
@@ -189,17 +204,12 @@ class BoxHead(nn.Module):
         """The box head of ``model.*`` on features of ``in_channels`` channels at ``scales``."""
         roi = cfg.roi
         return cls(
-            in_channels=in_channels,
+            **_pooled_head_arguments(cfg, in_channels, scales),
             num_classes=cfg.num_classes,
             head_type=roi.box_head,
             fc_dim=roi.box_head_dim,
             conv_dim=roi.box_conv_dim,
             pool_size=roi.box_pool_size,
-            pooler_type=roi.pooler,
-            sampling_ratio=roi.sampling_ratio,
-            aligned=roi.aligned,
-            scales=scales,
-            norm=head_norm_of(cfg),
             context=context,
             fg_iou_thresh=roi.fg_iou_thresh,
             bg_iou_thresh=roi.bg_iou_thresh,
@@ -345,16 +355,11 @@ class MaskHead(nn.Module):
         """The mask head of ``model.*`` on features of ``in_channels`` channels at ``scales``."""
         roi = cfg.roi
         return cls(
-            in_channels=in_channels,
+            **_pooled_head_arguments(cfg, in_channels, scales),
             num_classes=cfg.num_classes,
             num_convs=roi.mask_head_convs,
             conv_dim=roi.mask_head_dim,
             pool_size=roi.mask_pool_size,
-            pooler_type=roi.pooler,
-            sampling_ratio=roi.sampling_ratio,
-            aligned=roi.aligned,
-            scales=scales,
-            norm=head_norm_of(cfg),
             context=context,
         )
 
@@ -438,16 +443,11 @@ class KeypointHead(nn.Module):
         """The keypoint head of ``model.*`` on features of ``in_channels`` channels at ``scales``."""
         roi = cfg.roi
         return cls(
-            in_channels=in_channels,
+            **_pooled_head_arguments(cfg, in_channels, scales),
             num_keypoints=cfg.num_keypoints,
             num_convs=roi.keypoint_head_convs,
             conv_dim=roi.keypoint_head_dim,
             pool_size=roi.keypoint_pool_size,
-            pooler_type=roi.pooler,
-            sampling_ratio=roi.sampling_ratio,
-            aligned=roi.aligned,
-            scales=scales,
-            norm=head_norm_of(cfg),
             loss_weight=roi.keypoint_loss_weight,
         )
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from megdet.config import check_choice
 from megdet.modeling.convert.errors import WeightsError
 from megdet.modeling.convert.names import NAME_MAPS, detect_source
 
@@ -187,8 +188,7 @@ def convert_state(
             f"{where}not a checkpoint megdet knows (expected megdet, torchvision or detectron2 R-CNN FPN "
             f"weights, or ImageNet ResNet weights); its first keys: {_short(list(state), 3)}"
         )
-    if source not in NAME_MAPS:
-        raise WeightsError(f"{where}unknown source '{source}'; choose one of {', '.join(NAME_MAPS)}")
+    check_choice(f"{where}convert_state", source, tuple(NAME_MAPS), "source", WeightsError)
     recorded = _pixel_stats(state) if source == "detectron2" else None
     out, ignored = rename_state(state, source, where)
     conv = Conversion(source, out, NAME_MAPS[source].backbone_only, ignored)
