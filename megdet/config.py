@@ -37,7 +37,7 @@ OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 POLICIES = ("step", "cosine")
 LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 DEVICES = ("auto", "cpu", "cuda")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("off", "bf16", "fp16", "auto")
 SUBLINEAR_MODES = ("off", "stages", "blocks", "nested")
 CHANNELS_LAST_MODES = ("auto", "on", "off")
 BOX_MERGES = ("nms", "vote")
@@ -480,7 +480,9 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    amp: str = "off"  # off | bf16 | fp16
+    # off | bf16 | fp16 | auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, CPUs
+    # with AVX512-BF16 or AMX), else off
+    amp: str = "off"
     sublinear_memory: str = "off"  # off | stages | blocks | nested: granularity of activation recomputation
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     # NHWC activations: auto = on for CUDA with bf16/fp16 autocast (faster there: BENCHMARKS.md), else off

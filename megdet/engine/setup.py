@@ -54,6 +54,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     scaler: torch.amp.GradScaler | None  # fp16 loss scaling only
+    amp: str  # train.amp resolved for the device: off | bf16 | fp16
     schedule: ScheduleInfo
     loader: DataLoader
     categories: list[Mapping[str, Any]]  # the training set's, stored in checkpoints
@@ -157,6 +158,21 @@ def rank_seed(seed: int, rank: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; a CPU whose oneDNN has
+    bf16 kernels: AVX512-BF16 or AMX). Elsewhere bf16 autocast runs on slow emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """``train.amp`` as the run uses it: ``auto`` becomes ``bf16`` where :func:`native_bf16`, else ``off``."""
+    if mode == "auto":
+        return "bf16" if native_bf16(device) else "off"
+    return mode
+
+
 def use_channels_last(mode: str, device_type: str, amp: str) -> bool:
     """``train.channels_last``: ``auto`` is on only for CUDA under bf16/fp16 autocast, where reduced-precision
     convolutions run NHWC and NCHW activations cost a layout conversion around each of them; on CPU
@@ -173,12 +189,12 @@ def _initial_model(cfg: Config) -> nn.Module:
     return build_model(cfg)
 
 
-def prepare_for_training(model: nn.Module, cfg: Config, device: torch.device) -> list[str]:
+def prepare_for_training(model: nn.Module, cfg: Config, device: torch.device, amp: str | None = None) -> list[str]:
     """Moves the detector to ``device`` (channels-last when ``train.channels_last`` says so), wraps the
     blocks ``train.sublinear_memory`` recomputes and switches to train mode; returns those blocks."""
     t = cfg.train
     model.to(device)
-    if use_channels_last(t.channels_last, device.type, t.amp):
+    if use_channels_last(t.channels_last, device.type, amp or resolve_amp(t.amp, device)):
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
     recomputed = recompute_names(model, model.recompute_stages(), t.sublinear_memory)
@@ -367,7 +383,8 @@ def build_train_state(
             raise CheckpointError(
                 f"{ckpt_path}: {e}; resume with the model settings it was trained with ({Path(t.out_dir) / 'config.yaml'})"
             ) from None
-    recomputed = prepare_for_training(model, cfg, device)
+    amp = resolve_amp(t.amp, device)
+    recomputed = prepare_for_training(model, cfg, device, amp)
 
     dataset = build_train_dataset(cfg, raw_images=True)
     if local_rank == 0:
@@ -397,7 +414,8 @@ def build_train_state(
         optimizer=optimizer,
         scheduler=LRScheduler(optimizer, schedule, start_iter=start_iter),
         # fp16 needs loss scaling on any device (CPU too: how the scaler's path is tested without a GPU).
-        scaler=torch.amp.GradScaler(device.type) if t.amp == "fp16" else None,
+        scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None,
+        amp=amp,
         schedule=schedule,
         loader=loader,
         categories=list(dataset.categories),

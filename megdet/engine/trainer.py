@@ -182,7 +182,7 @@ class Trainer:
         data_start = time.perf_counter()
         batches = s.next_batches()
         data_time = time.perf_counter() - data_start
-        local = accumulate_gradients(s.net, batches, device=s.device, amp=t.amp, scaler=s.scaler)
+        local = accumulate_gradients(s.net, batches, device=s.device, amp=s.amp, scaler=s.scaler)
         self._loss_keys = self._loss_keys or sorted(local)
         summed = all_reduce_sum([local[k] for k in self._loss_keys] + [1.0 if s.stop_signal else 0.0])
         losses = {k: v / s.world_size for k, v in zip(self._loss_keys, summed)}
@@ -217,12 +217,13 @@ def open_run_log(state: TrainState, resume: bool = False) -> RunLog:
     barrier()
     log = RunLog(out_dir, state.main, state.start_iter, state.total_iters)
     log.info(
-        f"megdet train: {state.device.type} x {state.world_size}, norm {cfg.model.norm}, amp {t.amp}, "
+        f"megdet train: {state.device.type} x {state.world_size}, norm {cfg.model.norm}, amp {state.amp}"
+        f"{' (train.amp=auto)' if t.amp == 'auto' else ''}, "
         f"sublinear memory {t.sublinear_memory} ({len(state.recomputed)} recomputed blocks), out_dir {out_dir}"
     )
     for line in state.schedule.summary_lines():
         log.info(f"  {line}")
-    if t.amp == "fp16" and state.device.type == "cpu":
+    if state.amp == "fp16" and state.device.type == "cpu":
         log.info("  note: fp16 on CPU runs on slow fallback kernels on most CPUs; train.amp=bf16 is the fast choice")
     if state.resumed_from is not None:
         log.info(f"  resumed from {state.resumed_from} at iteration {state.start_iter}")

@@ -506,3 +506,17 @@ def test_channels_last_auto_only_for_reduced_precision_on_cuda() -> None:
     assert use_channels_last("auto", "cuda", "bf16") and use_channels_last("auto", "cuda", "fp16")
     assert not use_channels_last("auto", "cuda", "off") and not use_channels_last("auto", "cpu", "bf16")
     assert use_channels_last("on", "cpu", "off") and not use_channels_last("off", "cuda", "bf16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_is_bf16_only_where_the_device_computes_it_natively(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from megdet.config import load_config
+    from megdet.engine import setup
+
+    monkeypatch.setattr(setup, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert setup.resolve_amp("auto", cpu) == ("bf16" if native else "off")
+    assert [setup.resolve_amp(m, cpu) for m in ("off", "bf16", "fp16")] == ["off", "bf16", "fp16"]
+    assert load_config(None, ["train.amp=auto"]).train.amp == "auto"
