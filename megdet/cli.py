@@ -339,16 +339,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every sub-command."""
-    p = argparse.ArgumentParser(
-        prog="megdet",
-        description="Train and evaluate FPN R-CNN detectors (boxes, masks, keypoints) with large mini-batches.",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    # data -------------------------------------------------------------------------------------
+def _add_data_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet data synth` and `megdet data check`."""
     data = sub.add_parser("data", help="generate the synthetic dataset or check a COCO-format dataset")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
@@ -403,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_data_check)
 
-    # train ------------------------------------------------------------------------------------
+
+def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet train`."""
     t = sub.add_parser(
         "train",
         help="train a detector (one process, N local processes, or under torchrun)",
@@ -427,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=_cmd_train)
 
-    # eval -------------------------------------------------------------------------------------
+
+def _add_eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet eval`."""
     e = sub.add_parser(
         "eval",
         help="COCO evaluation of checkpoints (TTA, ensembles, N processes) or of a results file",
@@ -463,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     e.set_defaults(func=_cmd_eval)
 
-    # predict ----------------------------------------------------------------------------------
+
+def _add_predict_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet predict`."""
     pr = sub.add_parser(
         "predict",
         help="draw a checkpoint's detections on image files and write them as JSON",
@@ -483,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
     pr.set_defaults(func=_cmd_predict)
-    # convert ----------------------------------------------------------------------------------
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet convert`."""
     cv = sub.add_parser(
         "convert",
         help="convert torchvision or detectron2 detector weights into a megdet checkpoint",
@@ -513,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     cv.set_defaults(func=_cmd_convert)
 
-    # demo -------------------------------------------------------------------------------------
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet demo`."""
     d = sub.add_parser(
         "demo",
         help="generate the synthetic dataset, train, evaluate (with and without TTA) and write a report",
@@ -528,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     d.set_defaults(func=_cmd_demo)
 
-    # bench ------------------------------------------------------------------------------------
+
+def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`megdet bench`."""
     b = sub.add_parser(
         "bench",
         help="run a benchmark script from benchmarks/ (prints a table, writes JSON)",
@@ -537,6 +542,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", help="benchmark name, e.g. train_step, prroi_pool, data_loader")
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     b.set_defaults(func=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    p = argparse.ArgumentParser(
+        prog="megdet",
+        description="Train and evaluate FPN R-CNN detectors (boxes, masks, keypoints) with large mini-batches.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_data_parsers, _add_train_parser, _add_eval_parser, _add_predict_parser, _add_convert_parser,
+                _add_demo_parser, _add_bench_parser):  # fmt: skip
+        add(sub)
     return p
 
 
