@@ -7,9 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,13 @@ def _one_line(message: str, *parts: str) -> str:
     for p in parts:
         assert p in message, (p, message)
     return message
+
+
+def _error_line(stderr: str, *parts: str) -> str:
+    """The one ``megdet: error:`` line of a command's stderr (a progress bar may precede it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("megdet: error:")]
+    assert len(lines) == 1, stderr
+    return _one_line(lines[0], *parts)
 
 
 def _state(value: float, iteration: int) -> dict:
@@ -308,3 +317,238 @@ def test_a_finished_run_is_not_overwritten_without_being_told(tmp_path) -> None:
     assert (run / "model_final.pt").is_file()
     prepare_run_folder(run, overwrite=True).release()
     assert sorted(p.name for p in run.iterdir()) == ["my_notes.txt", LOCK_NAME]
+
+
+# --------------------------------------------------------------------------------------------------
+# training runs (items 3, 6, 7, 8): a tiny detector on a tiny synthetic set, a few iterations
+# --------------------------------------------------------------------------------------------------
+
+TINY = [
+    "model.backbone=resnet10", "model.fpn_channels=16", "model.roi.box_head_dim=32", "model.num_classes=7",
+    "model.rpn.pre_nms_top_n_train=50", "model.rpn.post_nms_top_n_train=20", "model.rpn.pre_nms_top_n_test=50",
+    "model.rpn.post_nms_top_n_test=20", "model.rpn.batch_size_per_image=32", "model.roi.batch_size_per_image=16",
+    "data.images_per_device=1", "data.num_workers=0", "data.min_size_train=[48]", "data.max_size_train=64",
+    "data.min_size_test=48", "data.max_size_test=64", "train.log_period=1", "test.eval_period=-1",
+    "train.device=cpu", "train.checkpoint_period=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    from megdet.data.synthetic import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic_coco(root, num_train=4, num_val=2, image_size=64, seed=0, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny(synth, tmp_path):
+    """``tiny(*overrides) -> Config`` training into ``tmp_path/run``."""
+    from megdet.config import load_config
+
+    torch.set_num_threads(1)
+    return lambda *o: load_config(None, [*TINY, f"data.root={synth}", f"train.out_dir={tmp_path / 'run'}", *o])
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_locked_folder_stops_a_second_training(tiny, tmp_path) -> None:
+    from megdet.engine.trainer import train
+
+    (tmp_path / "run").mkdir()
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunFolderError) as e:
+            train(tiny())
+    _one_line(str(e.value), str(tmp_path / "run"), f"pid {os.getpid()}")
+    assert _files(tmp_path / "run") == [LOCK_NAME]  # nothing written
+
+
+def test_a_crash_in_the_final_evaluation_keeps_model_final(tiny, tmp_path, monkeypatch) -> None:
+    import megdet.evaluation.inference as inference
+    from megdet.engine.trainer import train
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(inference, "evaluate_model", crash)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(tiny("train.max_iters=2", "test.eval_period=0"))
+    final = load_checkpoint(tmp_path / "run" / "model_final.pt")
+    assert final["iteration"] == 2 and "optimizer" not in final
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["iteration"] == 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_mid_run_saves_first(tiny, tmp_path, monkeypatch, workers: int) -> None:
+    from megdet.data.coco import CocoDetection
+    from megdet.data.errors import DatasetError
+    from megdet.engine.trainer import train
+
+    real = CocoDetection.__getitem__
+    calls = {"n": 0}
+
+    def corrupt_fourth(self, index):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise DatasetError(f"{self.image_path(index)}: cannot read image (truncated file)")
+        return real(self, index)
+
+    monkeypatch.setattr(CocoDetection, "__getitem__", corrupt_fourth)
+    with pytest.raises(DatasetError) as e:
+        train(tiny("train.max_iters=8", "train.checkpoint_period=100", f"data.num_workers={workers}"))
+    run = tmp_path / "run"
+    _one_line(str(e.value), "cannot read image", "at iteration 4", f"saved {run / 'model_0000003.pt'}", "--resume")
+    assert load_checkpoint(run / "model_0000004.pt")["iteration"] == 4
+    monkeypatch.undo()
+    again = train(tiny("train.max_iters=4", "train.checkpoint_period=100"), resume=True)
+    assert again["iteration"] == 4 and load_checkpoint(again["checkpoint"])["iteration"] == 4
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint_and_says_so(tiny, tmp_path, capsys) -> None:
+    from megdet.checkpoint import state_checksum
+    from megdet.engine.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny("train.max_iters=4"))
+    data = bytearray((run / "model_0000004.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10  # in the middle of the tensors' bytes
+    (run / "model_0000004.pt").write_bytes(bytes(data))
+    capsys.readouterr()
+    summary = train(tiny("train.max_iters=4"), resume=True)
+    out = capsys.readouterr().out
+    assert "skipped an unreadable checkpoint" in out and "model_0000004.pt" in out
+    assert f"resumed from {run / 'model_0000002.pt'} (the newest readable checkpoint) at iteration 2" in out
+    assert summary["iteration"] == 4 and load_checkpoint(run / "model_0000004.pt")["iteration"] == 4
+
+    # A field of the right type whose content does not fit (hand-edited, checksum recomputed).
+    state = torch.load(run / "model_0000004.pt", weights_only=True)
+    state["scheduler"] = {"iter": 4}
+    state["checksum"] = state_checksum(state)
+    torch.save(state, run / "model_0000004.pt")
+    with pytest.raises(CheckpointError) as e:
+        train(tiny("train.max_iters=6"), resume=True)
+    _one_line(str(e.value), str(run / "model_0000004.pt"), "'scheduler'")
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(
+    tiny, tmp_path, full_disk, monkeypatch, capsys
+) -> None:
+    import megdet.checkpoint as checkpoint
+    from megdet.config import dump_config
+
+    real = checkpoint.atomic_write
+    calls = {"n": 0}
+
+    def fill_on_second(path, write):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            full_disk(after=1000)
+        return real(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", fill_on_second)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny("train.max_iters=6")))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    _error_line(err, str(run / "model_0000004.pt"), "No space left on device", f"last good checkpoint is {run / 'model_0000002.pt'}")
+    assert not [n for n in _files(run) if n.endswith(".tmp")]
+    assert CheckpointManager(run).latest() == run / "model_0000002.pt"
+    assert load_checkpoint(run / "model_0000002.pt")["iteration"] == 2
+
+    # The config write of a new run on a full disk.
+    monkeypatch.undo()
+    full_disk(after=10)
+    assert main(["train", "--config", str(config), "--overwrite"]) == 2
+    _error_line(capsys.readouterr().err, str(run / "config.yaml"), "No space left on device")
+
+
+SIGNAL_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    import megdet.checkpoint as checkpoint
+    from megdet.cli import main
+
+    real_save = checkpoint.CheckpointManager.save
+
+    def save_while_signalled(self, iteration, state):
+        # The scheduler (or an impatient user) signals again while the checkpoint is written.
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(self, iteration, state)
+
+    checkpoint.CheckpointManager.save = save_while_signalled
+    sys.exit(main(["train", "--config", sys.argv[1]]))
+    """
+)
+
+
+def test_ctrl_c_saves_then_exits_130_and_a_second_signal_does_not_kill_the_save(tiny, tmp_path) -> None:
+    from megdet.config import dump_config
+
+    signum, code = signal.SIGINT, 130
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny("train.max_iters=500", "train.checkpoint_period=1000", "data.num_workers=1")))
+    (tmp_path / "worker.py").write_text(SIGNAL_WORKER)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "worker.py"), str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(proc.pid, signum)  # Ctrl-C reaches the whole foreground group, loader workers included
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    latest = CheckpointManager(tmp_path / "run").latest()
+    k = load_checkpoint(latest)["iteration"]
+    assert 1 <= k < 500 and latest.name == f"model_{k:07d}.pt"
+    assert f"{signal.Signals(signum).name}: saved {latest} at iteration {k}" in stdout + stderr
+
+
+def test_sigterm_saves_then_exits_143_and_a_second_signal_does_not_kill_the_save(
+    tiny, tmp_path, monkeypatch, capsys
+) -> None:
+    import megdet.engine.trainer as trainer
+    from megdet.config import dump_config
+
+    real_update, real_save = trainer.apply_update, CheckpointManager.save
+    updates = {"n": 0}
+
+    def update_then_signal(*args, **kwargs):
+        updates["n"] += 1
+        if updates["n"] == 3:  # seen at the end of the next iteration (the stop flag is summed before the update)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(*args, **kwargs)
+
+    def save_while_signalled(self, iteration, state):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(self, iteration, state)
+
+    monkeypatch.setattr(trainer, "apply_update", update_then_signal)
+    monkeypatch.setattr(CheckpointManager, "save", save_while_signalled)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny("train.max_iters=500", "train.checkpoint_period=1000")))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--config", str(config)]) == 143
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    run = tmp_path / "run"
+    assert CheckpointManager(run).latest() == run / "model_0000004.pt"
+    assert load_checkpoint(run / "model_0000004.pt")["iteration"] == 4
+    assert f"SIGTERM: saved {run / 'model_0000004.pt'} at iteration 4" in capsys.readouterr().out
