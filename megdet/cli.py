@@ -191,6 +191,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_results(args)
     if not args.weights:
         raise CliError("eval needs --weights CHECKPOINT, or --annotations GT.json --results RESULTS.json")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: is a file, not a folder; choose another --out")
     from megdet.distributed import in_worker
 
     if args.nproc > 1 and not in_worker():
@@ -225,8 +227,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # Defaults apart per kind of evaluation, so that a TTA or ensemble run never overwrites the plain one.
     default_name = "eval" + ("_ensemble" if len(args.weights) > 1 else "") + ("_tta" if args.tta else "")
     out = Path(args.out) if args.out else Path(args.weights[0]).resolve().parent / default_name
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise CliError(f"--out {args.out}: is a file, not a folder; choose another --out")
     created = not (dist.is_available() and dist.is_initialized())
     rank, world, _, device = init_distributed(device=cfg.train.device)
     try:
