@@ -35,6 +35,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from megdet.data.layout import ANNOTATIONS_DIR, STUFF_MAPS_DIR
     from megdet.data.synthetic import generate_synthetic_coco
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: is a file, not a folder; choose another --out")
     out = Path(args.out)
     existing = [out / n for n in (ANNOTATIONS_DIR, "train", "val", STUFF_MAPS_DIR) if (out / n).exists()]
     if existing and not args.overwrite:

@@ -274,6 +274,8 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys) -> None:
     _one_line(capsys.readouterr().err, str(a_file), "is a file")
     assert main(["eval", "--weights", "w.pt", "--out", str(a_file)]) == 2
     _one_line(capsys.readouterr().err, str(a_file), "is a file")
+    assert main(["data", "synth", "--out", str(a_file), "--quiet"]) == 2
+    _one_line(capsys.readouterr().err, str(a_file), "is a file")
     assert a_file.read_text() == "mine"
 
 
