@@ -13,11 +13,20 @@ Python and numpy to and from that form.
 
 Writes are atomic (:mod:`megdet.files`): a crash mid-write leaves the previous checkpoint untouched and
 no partially written file under a checkpoint's name.
+
+Integrity: :func:`save_checkpoint` stores a SHA-256 digest of the whole state (every tensor's dtype,
+shape and bytes and every other value, in the dict's order) under ``checksum``; :func:`load_checkpoint`
+recomputes it and refuses a file whose content changed after it was written (a flipped bit, a
+hand edit), and checks the type of every :class:`Checkpoint` field, each with a one-line error. Files
+without a checksum (other programs, older megdet versions) load unverified.
+:meth:`CheckpointManager.load_latest` falls back to the newest readable checkpoint when the latest is
+not, reporting which it skipped and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import re
 from collections.abc import Mapping
@@ -31,6 +40,7 @@ import torch
 from megdet.files import atomic_write, write_text_atomic
 
 LAST_CHECKPOINT = "last_checkpoint"
+CHECKSUM_KEY = "checksum"  # "sha256:<hex digest>" of the rest of the state (state_checksum)
 _NAME = re.compile(r"^model_(\d{7,})\.pt$")
 _SAFE_SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -61,6 +71,20 @@ class Checkpoint:
 
     # The model and the optimizer, scheduler, scaler and RNG states; the other fields are metadata.
     STATE: ClassVar[tuple[str, ...]] = ("model", "optimizer", "scheduler", "scaler", "rng")
+    # What each stored field must be (checked by load_checkpoint): types, and their name in errors.
+    FIELD_TYPES: ClassVar[dict[str, tuple[tuple[type, ...], str]]] = {
+        "model": ((Mapping,), "a dict of tensors"),
+        "iteration": ((int,), "a non-negative integer"),
+        "config": ((Mapping,), "a dict"),
+        "categories": ((list,), "a list of dicts"),
+        "optimizer": ((Mapping,), "a dict"),
+        "scheduler": ((Mapping,), "a dict"),
+        "scaler": ((Mapping,), "a dict"),
+        "sampler_position": ((int,), "a non-negative integer"),
+        "rng": ((list,), "a list of dicts"),
+        "schedule": ((Mapping,), "a dict"),
+        "world_size": ((int,), "a positive integer"),
+    }
 
     def to_dict(self) -> dict[str, Any]:
         """What :func:`save_checkpoint` stores: every field that is not None."""
@@ -96,20 +120,87 @@ def _check_safe(obj: Any, where: str) -> None:
     )
 
 
+def _hash_value(h: Any, obj: Any) -> None:
+    """Feeds ``obj`` into hash ``h``: type tags, dict keys and tensors' dtype, shape and bytes, in order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _hash_value(h, k)
+            _hash_value(h, v)
+    elif isinstance(obj, list | tuple):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}".encode())
+        for v in obj:
+            _hash_value(h, v)
+    else:  # scalars (_SAFE_SCALARS): repr is exact for floats and distinguishes True from 1
+        text = repr(obj).encode()
+        h.update(f"S{type(obj).__name__}:{len(text)}:".encode() + text)
+
+
+def state_checksum(state: Mapping[str, Any]) -> str:
+    """``"sha256:<hex>"`` over every value of ``state`` except its ``checksum`` key."""
+    h = hashlib.sha256()
+    _hash_value(h, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return f"sha256:{h.hexdigest()}"
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Writes ``state`` to ``path`` atomically; refuses values that weights_only loading would reject."""
+    """Writes ``state`` and its checksum to ``path`` atomically; refuses values that weights_only
+    loading would reject.
+
+    Raises:
+        CheckpointError: a value weights_only loading would refuse.
+        megdet.files.WriteError: the file system refused the write (e.g. a full disk); the previous
+            file of that name is unchanged and no temporary file is left.
+    """
     path = Path(path)
     _check_safe(state, "")
-    atomic_write(path, lambda f: torch.save(dict(state), f))
+    stored = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    stored[CHECKSUM_KEY] = state_checksum(stored)
+    atomic_write(path, lambda f: torch.save(stored, f))
     return path
 
 
+def _check_fields(path: Path, state: Mapping[str, Any]) -> None:
+    """One line naming the first field of :class:`Checkpoint` whose stored value has the wrong type."""
+    for name, (types, expected) in Checkpoint.FIELD_TYPES.items():
+        if state.get(name) is None:
+            continue
+        value = state[name]
+        bad = not isinstance(value, types) or isinstance(value, bool)
+        if not bad and isinstance(value, int):
+            bad = value < (1 if name == "world_size" else 0)
+        if not bad and expected.startswith("a list of dicts"):
+            bad = not all(isinstance(v, Mapping) for v in value)
+        if not bad and name == "model":
+            wrong = next((k for k, v in value.items() if not isinstance(v, torch.Tensor)), None)
+            if wrong is not None:
+                raise CheckpointError(
+                    f"{path}: field 'model' entry {wrong!r} is a {type(value[wrong]).__name__}, not a tensor;"
+                    " the file was edited or was not written by megdet"
+                )
+        if bad:
+            raise CheckpointError(
+                f"{path}: field '{name}' should be {expected}, found {type(value).__name__} {_short(value)};"
+                " the file was edited or was not written by megdet"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Loads a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+    """Loads a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``, verifies its
+    checksum (when it has one) and the types of its fields; returns the state without the checksum.
 
     Raises:
-        CheckpointError: one line for a missing file, a file that is not a checkpoint, or a corrupt
-            (e.g. truncated) one.
+        CheckpointError: one line for a missing file, a file that is not a checkpoint, a corrupt (e.g.
+            truncated or bit-flipped) one, or a field of the wrong type.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,6 +224,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping):
         raise CheckpointError(f"{path}: not a megdet checkpoint (no 'model' state dict in it)")
+    stored = state.pop(CHECKSUM_KEY, None)
+    if stored is not None:
+        if stored != state_checksum(state):
+            raise CheckpointError(
+                f"{path}: checksum mismatch (the file changed after it was written: a corrupted disk or"
+                " copy, or an edit); use an earlier checkpoint"
+            )
+    _check_fields(path, state)
     return state
 
 
@@ -154,11 +253,15 @@ class CheckpointManager:
         return self.out_dir / f"model_{iteration:07d}.pt"
 
     def checkpoints(self) -> list[Path]:
-        """Checkpoint files in ``out_dir``, oldest (lowest iteration) first."""
+        """Checkpoint files in ``out_dir``, oldest (lowest iteration) first; a link that leads out of the
+        folder is not one."""
         if not self.out_dir.is_dir():
             return []
-        found = [(checkpoint_iteration(p), p) for p in self.out_dir.iterdir() if p.is_file()]
+        found = [(checkpoint_iteration(p), p) for p in self.out_dir.iterdir() if p.is_file() and self._inside(p)]
         return [p for it, p in sorted((it, p) for it, p in found if it is not None)]
+
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().parent == self.out_dir.resolve()
 
     def save(self, iteration: int, state: Mapping[str, Any]) -> Path:
         """Saves, then points ``last_checkpoint`` at it, then prunes; each step leaves a loadable state."""
@@ -171,14 +274,52 @@ class CheckpointManager:
         return path
 
     def latest(self) -> Path | None:
-        """The checkpoint named by ``last_checkpoint``, else the highest-iteration file, else None."""
+        """The checkpoint named by ``last_checkpoint``, else the highest-iteration file, else None.
+
+        Raises:
+            CheckpointError: ``last_checkpoint`` names a file outside ``out_dir`` (a path, ``..``, or a
+                link that leads out of it).
+        """
         marker = self.out_dir / LAST_CHECKPOINT
         if marker.is_file():
-            name = marker.read_text().strip()
-            if name and (self.out_dir / name).is_file():
-                return self.out_dir / name
+            name = marker.read_text(errors="replace").strip()
+            target = self.out_dir / name
+            if name and (Path(name).name != name or name in (".", "..") or not self._inside(target)):
+                raise CheckpointError(
+                    f"{marker}: names {_short(name)}, which is not a file of this run folder; write the name"
+                    " of a checkpoint in it (model_XXXXXXX.pt) or delete the file"
+                )
+            if name and target.is_file():
+                return target
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def load_latest(
+        self, map_location: str | torch.device = "cpu"
+    ) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+        """Loads :meth:`latest`, or when it is unreadable (corrupt, truncated, checksum mismatch, a field
+        of the wrong type) the newest earlier checkpoint that loads. Returns ``(path, state, skipped)``,
+        ``skipped`` one line per checkpoint passed over and why; ``(None, None, [])`` when there is none.
+
+        Raises:
+            CheckpointError: no checkpoint loads (naming each and why), or ``last_checkpoint`` points
+                outside ``out_dir``.
+        """
+        first = self.latest()
+        if first is None:
+            return None, None, []
+        first_iter = checkpoint_iteration(first)
+        older = [
+            p for p in reversed(self.checkpoints())
+            if p != first and (first_iter is None or checkpoint_iteration(p) < first_iter)
+        ]  # fmt: skip
+        skipped: list[str] = []
+        for path in [first, *older]:
+            try:
+                return path, load_checkpoint(path, map_location), skipped
+            except CheckpointError as e:
+                skipped.append(str(e))
+        raise CheckpointError(f"no readable checkpoint in {self.out_dir}: {'; '.join(skipped)}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from megdet.config import Config, ConfigError, dump_config, load_config
+from megdet.files import WriteError, ensure_dir
 
 _EPILOG_OVERRIDES = (
     "Config values are overridden with trailing key.sub=value arguments, e.g. "
@@ -33,6 +35,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from megdet.data.layout import ANNOTATIONS_DIR, STUFF_MAPS_DIR
     from megdet.data.synthetic import generate_synthetic_coco
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: is a file, not a folder; choose another --out")
     out = Path(args.out)
     existing = [out / n for n in (ANNOTATIONS_DIR, "train", "val", STUFF_MAPS_DIR) if (out / n).exists()]
     if existing and not args.overwrite:
@@ -106,12 +110,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from megdet.engine.trainer import NonFiniteLossError, train
 
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as e:
         print(f"megdet: error: {e}", file=sys.stderr)
         return 1
-    # 143 = 128 + SIGTERM: a scheduler sees that the run stopped early (its checkpoint is saved).
-    return 143 if summary.get("interrupted") else 0
+    # 128 + the signal (143 SIGTERM, 130 SIGINT): a scheduler sees that the run stopped early, after
+    # saving its checkpoint.
+    return 128 + int(summary["signal"]) if summary.get("interrupted") else 0
 
 
 def _strip_nproc(argv: Sequence[str]) -> list[str]:
@@ -167,8 +172,7 @@ def _cmd_eval_results(args: argparse.Namespace) -> int:
         evals = {iou_type: evaluate_coco(args.annotations, args.results, iou_type)}
     except EvaluationError as e:
         raise CliError(str(e)) from None
-    out = Path(args.out) if args.out else Path(args.results).resolve().parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(args.out) if args.out else Path(args.results).resolve().parent / "eval", "--out")
     with open(out / "eval.json", "w") as f:
         json.dump(evals, f, indent=2)
     print(format_eval_table(evals))
@@ -189,6 +193,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_results(args)
     if not args.weights:
         raise CliError("eval needs --weights CHECKPOINT, or --annotations GT.json --results RESULTS.json")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: is a file, not a folder; choose another --out")
     from megdet.distributed import in_worker
 
     if args.nproc > 1 and not in_worker():
@@ -246,6 +252,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise CliError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    ensure_dir(args.out, "--out")
     # As in eval: --config builds every model, else each its own; the first one's settings predict.
     given = load_config(args.config) if args.config else None
     loaded = [load_model_and_metadata(w, given) for w in args.weights]
@@ -409,6 +416,11 @@ def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     t.add_argument("--nproc", type=int, default=1, help="local worker processes (default 1)")
     t.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in the run folder (its checkpoints, model_final.pt, metrics; refused without)",
+    )
     t.add_argument("--print-config", action="store_true", help="print the resolved config and schedule, then exit")
     t.add_argument(
         "--num-images",
@@ -572,9 +584,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.raw_argv = raw
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CliError) as e:
+    except (ConfigError, CliError, WriteError) as e:
         print(f"megdet: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop (which saves a checkpoint and returns 130 itself).
+        print("megdet: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # e.g. a log line on a full disk
+            print(f"megdet: error: {e.filename or 'a write'}: {e.strerror}; free some space", file=sys.stderr)
+            return 2
+        raise
     except ValueError as e:
         # Dataset and checkpoint errors are ValueErrors with a one-line message naming the file.
         if type(e).__name__ in ("DatasetError", "CheckpointError", "ConfigError", "WeightsError"):

@@ -224,12 +224,13 @@ def launch_local(nproc: int, argv: Sequence[str], script: str | None = None) -> 
         # checkpoint); torch's own traceback of the launcher says nothing more.
         name = signal.Signals(e.sigval).name
         print(f"megdet: stopped by {name}; the {nproc} workers were stopped (a training run saves a checkpoint"
-              " on SIGTERM: continue with --resume)", file=sys.stderr)
+              " on SIGTERM or SIGINT: continue with --resume)", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode == 128 + signal.SIGTERM:  # `megdet train` after saving on SIGTERM
-            print(f"megdet: worker {rank} of {nproc} stopped on SIGTERM (exit code {failure.exitcode}); a"
+        if failure.exitcode in (128 + signal.SIGTERM, 128 + signal.SIGINT):  # `megdet train` after saving
+            name = signal.Signals(failure.exitcode - 128).name
+            print(f"megdet: worker {rank} of {nproc} stopped on {name} (exit code {failure.exitcode}); a"
                   " training run saved a checkpoint: continue with --resume", file=sys.stderr)
         else:
             print(f"megdet: worker {rank} of {nproc} failed with exit code {failure.exitcode}", file=sys.stderr)

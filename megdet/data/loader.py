@@ -261,15 +261,17 @@ def build_test_dataset(cfg: Config, split: str) -> CocoDetection:
 
 
 def _ignore_sigterm(worker_id: int) -> None:
-    """worker_init_fn: data-loader workers outlive SIGTERM.
+    """worker_init_fn: data-loader workers outlive SIGTERM and SIGINT.
 
-    A job scheduler's SIGTERM reaches every process of the job. The training process turns it into a
-    checkpoint and then shuts its loader down itself; a worker killed by it first would make the trainer
-    fail with "DataLoader worker ... is killed by signal: Terminated" instead of saving. Workers still
-    end with their parent (PyTorch's worker watchdog), when their loader shuts them down (the trainer
-    does so explicitly at the end of a run) or with SIGKILL.
+    A job scheduler's SIGTERM reaches every process of the job, as Ctrl-C's SIGINT reaches every process
+    of the terminal's foreground group. The training process turns either into a checkpoint and then
+    shuts its loader down itself; a worker killed by it first would make the trainer fail with
+    "DataLoader worker ... is killed by signal: Terminated" instead of saving. Workers still end with
+    their parent (PyTorch's worker watchdog), when their loader shuts them down (the trainer does so
+    explicitly at the end of a run) or with SIGKILL.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_loader(

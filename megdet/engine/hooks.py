@@ -4,14 +4,16 @@
 iteration ``before_step(state)`` and ``after_step(state, step)``, then ``after_train(state)`` when the
 loop ends without an exception, and ``close()`` always. The default hooks, in their order:
 
-- :class:`StopOnSignal`: SIGTERM sets ``state.stop_signal``; the loop turns it into a decision every
-  rank takes at the same iteration (its step reduction carries the flag).
+- :class:`StopOnSignal`: SIGTERM or SIGINT (Ctrl-C) sets ``state.stop_signal``; the loop turns it into a
+  decision every rank takes at the same iteration (its step reduction carries the flag). Later signals,
+  e.g. during the checkpoint write, change nothing.
 - :class:`MetricsWriter`: the progress bar, ``metrics.jsonl`` and TensorBoard (rank 0).
 - :class:`PeriodicCheckpointer`: a checkpoint every ``train.checkpoint_period`` iterations, at the end
   and when stopping.
 - :class:`StopReporter`: says where a stopped run saved.
+- :class:`FinalWeights`: ``model_final.pt`` and ``summary.json`` of a finished run, before the final
+  evaluation (a crash in it loses no weights).
 - :class:`PeriodicEvaluator`: evaluation every ``test.eval_period`` iterations and at the end.
-- :class:`FinalWeights`: ``model_final.pt`` and ``summary.json`` of a finished run.
 
 Everything a run writes comes from rank 0 (:class:`RunLog` is a no-op elsewhere).
 """
@@ -35,7 +37,7 @@ from megdet.config import Config
 from megdet.data.layout import split_files
 from megdet.distributed import barrier
 from megdet.engine.setup import TrainState
-from megdet.files import write_text_atomic
+from megdet.files import WriteError, write_text_atomic
 
 __all__ = [
     "FinalWeights",
@@ -190,24 +192,29 @@ class RunLog:
 
 
 class StopOnSignal(Hook):
-    """Turns SIGTERM into ``state.stop_signal``, read by the loop after every step (main thread only)."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into ``state.stop_signal``, read by the loop after every step
+    (main thread only). The first signal decides; later ones (a second Ctrl-C, a scheduler's repeated
+    SIGTERM while the checkpoint is written) change nothing, so the save completes."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def before_train(self, state: TrainState) -> None:
         def handle(signum: int, frame: Any) -> None:
-            state.stop_signal = signum
+            if state.stop_signal is None:
+                state.stop_signal = signum
 
         try:
-            self._previous = signal.signal(signal.SIGTERM, handle)
+            self._previous = {s: signal.signal(s, handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 class MetricsWriter(Hook):
@@ -275,7 +282,10 @@ class PeriodicCheckpointer(Hook):
         checkpoint = state.checkpoint()  # a collective: every rank builds it
         path = state.checkpoints.path_for(state.iteration)
         if state.main:
-            path = state.checkpoints.save(state.iteration, checkpoint.to_dict())
+            try:
+                path = state.checkpoints.save(state.iteration, checkpoint.to_dict())
+            except WriteError as e:
+                raise WriteError(f"{e}; the last good checkpoint is {state.last_checkpoint or 'none yet'}") from None
         barrier()
         state.last_checkpoint = path
         return path
@@ -289,7 +299,8 @@ class StopReporter(Hook):
 
     def after_step(self, state: TrainState, step: StepResult) -> None:
         if step.stop:
-            self.log.info(f"SIGTERM: saved {state.last_checkpoint} at iteration {state.iteration}; stopping")
+            name = signal.Signals(state.stop_signal or signal.SIGTERM).name
+            self.log.info(f"{name}: saved {state.last_checkpoint} at iteration {state.iteration}; stopping")
 
 
 def evaluation_unavailable(cfg: Config) -> str | None:
@@ -354,11 +365,21 @@ class PeriodicEvaluator(Hook):
 
 class FinalWeights(Hook):
     """A finished run's ``model_final.pt`` (the model, its config and categories only: what ``megdet
-    eval/predict --weights`` take, under a stable name) and ``summary.json``; rank 0."""
+    eval/predict --weights`` take, under a stable name) and ``summary.json``; rank 0. Written after the
+    last step, before the final evaluation (:class:`PeriodicEvaluator` comes after this hook), and at the
+    end of a run resumed at its end."""
+
+    def __init__(self) -> None:
+        self.written = False
+
+    def after_step(self, state: TrainState, step: StepResult) -> None:
+        if _finished(state) and not step.stop:
+            self.after_train(state)
 
     def after_train(self, state: TrainState) -> None:
-        if not state.main or state.interrupted or state.last_checkpoint is None:
+        if self.written or not state.main or state.interrupted or state.last_checkpoint is None:
             return
+        self.written = True
         from megdet.checkpoint import save_checkpoint
 
         save_checkpoint(state.out_dir / "model_final.pt", state.weights().to_dict())

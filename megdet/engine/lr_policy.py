@@ -77,6 +77,7 @@ from torch import nn
 
 from megdet.config import ConfigError, SolverConfig
 from megdet.engine.layerwise import LAMB, LARS
+from megdet.files import atomic_write
 
 WARMUP_IMAGES = 16_000
 MIN_WARMUP_ITERS = 50
@@ -419,7 +420,4 @@ def plot_schedule(info: ScheduleInfo, path: str | Path) -> Path:
     )
     ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.8)  # fixed margins: tight_layout is slow
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))

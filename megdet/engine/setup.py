@@ -11,6 +11,7 @@ steps build their model with :func:`build_training_model` and :func:`wrap_ddp`, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import random
@@ -29,7 +30,6 @@ from megdet.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointManager,
-    load_checkpoint,
     rng_state,
     set_rng_state,
 )
@@ -63,6 +63,7 @@ class TrainState:
     start_iter: int = 0
     iteration: int = 0  # iterations done
     resumed_from: Path | None = None
+    skipped_checkpoints: list[str] = dataclasses.field(default_factory=list)  # unreadable ones --resume passed over
     last_checkpoint: Path | None = None  # the newest checkpoint written, or the one resumed from
     stop_signal: int | None = None  # set (from a signal handler) to stop after the current iteration
     interrupted: bool = False  # the loop stopped before total_iters on a stop request
@@ -93,12 +94,16 @@ class TrainState:
         checkpoint's states could not be used."""
         self.data_iter = iter(self.loader)
         if isinstance(self.resume_rng, list) and len(self.resume_rng) == self.world_size:
-            set_rng_state(self.resume_rng[self.rank])
+            self.set_resume_rng()
             return None
         seed_everything(rank_seed(self.cfg.train.seed, self.rank))
         if self.resumed_from is not None:
             return "the checkpoint's RNG states are for another world size; reseeding"
         return None
+
+    def set_resume_rng(self) -> None:
+        with restoring(self.resumed_from, "rng"):
+            set_rng_state(self.resume_rng[self.rank])
 
     def next_batches(self) -> list[Any]:
         """The micro-batches of the next iteration (``train.grad_accum_steps`` of them)."""
@@ -311,27 +316,46 @@ def bn_statistics_text(cfg: Config, world_size: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _resume_checkpoint(manager: CheckpointManager, resume: bool) -> tuple[Path | None, Checkpoint | None]:
-    """The newest checkpoint of the run folder when resuming; refuses a folder with checkpoints otherwise."""
-    path = manager.latest() if resume else None
-    if path is None:
-        if not resume and manager.checkpoints():
-            raise ConfigError(
-                f"{manager.out_dir} already holds checkpoints ({manager.checkpoints()[-1].name}); pass --resume"
-                " to continue that run or choose another train.out_dir"
-            )
-        return None, None
-    ckpt = Checkpoint.from_dict(load_checkpoint(path))
+def _resume_checkpoint(
+    manager: CheckpointManager, resume: bool
+) -> tuple[Path | None, Checkpoint | None, list[str]]:
+    """The newest readable checkpoint of the run folder when resuming, and the unreadable ones passed
+    over (:meth:`CheckpointManager.load_latest`). A folder holding an earlier run without ``resume`` was
+    refused by :func:`megdet.engine.run_folder.prepare_run_folder`."""
+    if not resume:
+        return None, None, []
+    path, state, skipped = manager.load_latest()
+    if path is None or state is None:
+        return None, None, skipped
+    ckpt = Checkpoint.from_dict(state)
     if ckpt.iteration is None:
         raise CheckpointError(f"{path}: stores no iteration; it is not a checkpoint of a training run")
-    return path, ckpt
+    return path, ckpt, skipped
+
+
+@contextlib.contextmanager
+def restoring(path: Path | None, name: str) -> Iterator[None]:
+    """Turns the errors of restoring checkpoint field ``name`` (hand-edited, or of another program) into
+    one CheckpointError naming the file and the field."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        if isinstance(e, (ConfigError, CheckpointError)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: field '{name}' cannot be restored ({type(e).__name__}: {first}); the file was edited or"
+            " was not written by megdet train"
+        ) from None
 
 
 def _restore_training_state(state: TrainState, path: Path, ckpt: Checkpoint) -> None:
     """The optimizer, scheduler and scaler of the checkpoint, after checking that they fit this run."""
     cfg, config_yaml = state.cfg, state.out_dir / "config.yaml"
-    saved = (ckpt.schedule or {}).get("global_batch")
-    if saved is not None and int(saved) != state.schedule.global_batch:
+    with restoring(path, "schedule"):
+        saved = (ckpt.schedule or {}).get("global_batch")
+        saved = int(saved) if saved is not None else None
+    if saved is not None and saved != state.schedule.global_batch:
         raise ConfigError(
             f"{path}: was trained with global batch {saved}, this run has {state.schedule.global_batch};"
             " resume with the same number of devices x data.images_per_device x train.grad_accum_steps"
@@ -346,14 +370,16 @@ def _restore_training_state(state: TrainState, path: Path, ckpt: Checkpoint) -> 
         if ckpt.optimizer is None:
             raise KeyError("optimizer")
         state.optimizer.load_state_dict(ckpt.optimizer)
-    except (ValueError, KeyError) as e:  # e.g. other trainable parameters (model.trainable_layers)
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # e.g. other trainable parameters
         raise CheckpointError(
             f"{path}: its optimizer state does not fit this run ({e}); resume with the settings it"
             f" was trained with ({config_yaml})"
         ) from None
-    state.scheduler.load_state_dict(ckpt.scheduler)
+    with restoring(path, "scheduler"):
+        state.scheduler.load_state_dict(ckpt.scheduler)
     if state.scaler is not None and ckpt.scaler:
-        state.scaler.load_state_dict(ckpt.scaler)
+        with restoring(path, "scaler"):
+            state.scaler.load_state_dict(ckpt.scaler)
 
 
 def build_train_state(
@@ -362,8 +388,8 @@ def build_train_state(
     """Everything a training run needs, in the order of the module docstring (every rank calls this).
 
     Raises:
-        ConfigError / CheckpointError: one line, e.g. a run folder that already holds checkpoints
-            without ``resume``, or a checkpoint that does not fit this run.
+        ConfigError / CheckpointError: one line, e.g. a checkpoint that does not fit this run or a
+            hand-edited field of it.
         DatasetError: a training image that is missing (checked before the first step).
     """
     from megdet.data.loader import build_train_dataset, build_train_loader
@@ -372,7 +398,7 @@ def build_train_state(
     t = cfg.train
     cfg.validate_world_size(world_size)
     manager = CheckpointManager(t.out_dir, keep=t.keep_checkpoints)
-    ckpt_path, ckpt = _resume_checkpoint(manager, resume)
+    ckpt_path, ckpt, skipped = _resume_checkpoint(manager, resume)
     start_iter = int(ckpt.iteration) if ckpt is not None and ckpt.iteration is not None else 0
 
     model = _initial_model(cfg)
@@ -424,6 +450,7 @@ def build_train_state(
         start_iter=start_iter,
         iteration=start_iter,
         resumed_from=ckpt_path,
+        skipped_checkpoints=skipped,
         last_checkpoint=ckpt_path,
         resume_rng=ckpt.rng if ckpt is not None else None,
     )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +40,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from megdet.config import Config, dump_config
-from megdet.distributed import all_reduce_sum, barrier, cleanup_distributed, init_distributed
+from megdet.data.errors import DatasetError
+from megdet.distributed import (
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
 from megdet.engine.hooks import (
     FinalWeights,
     Hook,
@@ -52,8 +60,9 @@ from megdet.engine.hooks import (
     StopReporter,
 )
 from megdet.engine.lr_policy import plot_schedule
+from megdet.engine.run_folder import RunFolderError, RunLock, prepare_run_folder
 from megdet.engine.setup import TrainState, build_train_state
-from megdet.files import write_text_atomic
+from megdet.files import WriteError, write_text_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,6 +182,32 @@ class Trainer:
             for hook in reversed(self.hooks):
                 hook.close()
 
+    def next_batches(self) -> list[Any]:
+        """The next micro-batches. An unreadable image (DatasetError, also re-raised from a loader worker
+        with its traceback) first saves a checkpoint of the iterations done since the last one, then
+        stops the run with one line; with several ranks all learn of it (a small all-reduce) and stop
+        together."""
+        s = self.state
+        batches, error = [], None
+        try:
+            batches = s.next_batches()
+        except DatasetError as e:
+            lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+            error = lines[-1].split("DatasetError: ", 1)[-1]  # a worker's traceback ends with the message
+        if s.world_size > 1 and all_reduce_sum([0.0 if error is None else 1.0])[0] > 0 and error is None:
+            error = "another rank met an unreadable image (see its message)"
+        if error is None:
+            return batches
+        saved_now = s.iteration != s.start_iter and s.last_checkpoint != s.checkpoints.path_for(s.iteration)
+        if saved_now:
+            PeriodicCheckpointer.save(s)
+        kept = f"the last checkpoint is {s.last_checkpoint}" if s.last_checkpoint else "no checkpoint was written"
+        if saved_now:
+            kept = f"saved {s.last_checkpoint}"
+        raise DatasetError(
+            f"{error} (at iteration {s.iteration + 1}; {kept}: fix or remove the image, then continue with --resume)"
+        )
+
     def run_step(self) -> StepResult:
         """One optimizer step over ``train.grad_accum_steps`` micro-batches, losses and the stop flag
         reduced over the ranks in one all-reduce; raises :class:`NonFiniteLossError` before updating."""
@@ -180,7 +215,7 @@ class Trainer:
         lr = s.optimizer.param_groups[0]["lr"]
         s.optimizer.zero_grad(set_to_none=True)
         data_start = time.perf_counter()
-        batches = s.next_batches()
+        batches = self.next_batches()
         data_time = time.perf_counter() - data_start
         local = accumulate_gradients(s.net, batches, device=s.device, amp=s.amp, scaler=s.scaler)
         self._loss_keys = self._loss_keys or sorted(local)
@@ -225,41 +260,71 @@ def open_run_log(state: TrainState, resume: bool = False) -> RunLog:
         log.info(f"  {line}")
     if state.amp == "fp16" and state.device.type == "cpu":
         log.info("  note: fp16 on CPU runs on slow fallback kernels on most CPUs; train.amp=bf16 is the fast choice")
+    for problem in state.skipped_checkpoints:
+        log.info(f"  --resume: skipped an unreadable checkpoint: {problem}")
     if state.resumed_from is not None:
-        log.info(f"  resumed from {state.resumed_from} at iteration {state.start_iter}")
+        fallback = " (the newest readable checkpoint)" if state.skipped_checkpoints else ""
+        log.info(f"  resumed from {state.resumed_from}{fallback} at iteration {state.start_iter}")
     elif resume:
         log.info(f"  --resume: no checkpoint in {out_dir}; starting from scratch")
     return log
 
 
-def train(cfg: Config, resume: bool = False, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+def _lock_run_folder(cfg: Config, resume: bool, overwrite: bool, rank: int, world: int) -> RunLock | None:
+    """Rank 0 prepares and locks the run folder (:func:`prepare_run_folder`); every rank fails alike."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            lock = prepare_run_folder(cfg.train.out_dir, resume=resume, overwrite=overwrite)
+        except (RunFolderError, WriteError) as e:
+            if world == 1:
+                raise
+            problem = str(e)
+    if world > 1:
+        problem = all_gather_object(problem)[0]
+        if problem is not None:
+            if lock is not None:
+                lock.release()
+            raise RunFolderError(problem)
+    return lock
+
+
+def train(cfg: Config, resume: bool = False, hooks: Sequence[Hook] = (), overwrite: bool = False) -> dict[str, Any]:
     """Trains the detector described by ``cfg`` in this process (one rank of a launcher's world, or alone).
 
     Args:
         cfg: the resolved config.
-        resume: continue from the newest checkpoint in ``cfg.train.out_dir`` (start fresh if there is
-            none). Without it, an ``out_dir`` that already holds checkpoints is refused.
+        resume: continue from the newest readable checkpoint in ``cfg.train.out_dir`` (start fresh if
+            there is none). Without it (or ``overwrite``), an ``out_dir`` that holds an earlier run is refused.
         hooks: more hooks, called after the default ones (:mod:`megdet.engine.hooks`).
+        overwrite: delete the earlier run's checkpoints, ``model_final.pt`` and logs in ``out_dir`` first.
 
     Returns:
         A summary: ``iteration``, ``total_iters``, ``losses`` (last logged window, averaged over ranks),
         ``checkpoint`` (path of the last checkpoint written), ``eval`` (rank 0's last results or None),
-        ``interrupted`` (True when SIGTERM stopped the run early), ``out_dir`` and ``schedule``.
+        ``interrupted`` (True when SIGTERM or SIGINT stopped the run early, after saving), ``signal``
+        (that signal's number, else None), ``out_dir`` and ``schedule``.
 
     Raises:
-        ConfigError: bad configuration (one line).
+        ConfigError: bad configuration, or a run folder locked by another run or holding one (one line).
+        DatasetError: an unreadable image met during training, after saving a checkpoint.
+        megdet.files.WriteError: a checkpoint or config write failed (e.g. a full disk); the previous
+            checkpoint is intact.
         NonFiniteLossError: a loss became NaN/inf; nothing was saved for that iteration.
     """
     created_group = not torch.distributed.is_initialized()
     cfg.validate()
     rank, world, local_rank, device = init_distributed(device=cfg.train.device)
+    lock: RunLock | None = None
     try:
+        cfg.validate_world_size(world)  # before the run folder is created
+        lock = _lock_run_folder(cfg, resume, overwrite, rank, world)
         state = build_train_state(cfg, rank=rank, world_size=world, local_rank=local_rank, device=device,
                                   resume=resume)  # fmt: skip
         try:
             log = open_run_log(state, resume)
             metrics, evaluator = MetricsWriter(log), PeriodicEvaluator(log)
-            default = [StopOnSignal(), metrics, PeriodicCheckpointer(), StopReporter(log), evaluator, FinalWeights()]
+            default = [StopOnSignal(), metrics, PeriodicCheckpointer(), StopReporter(log), FinalWeights(), evaluator]
             note = state.start_streams()
             if note:
                 log.info(f"  ({note})")
@@ -276,9 +341,12 @@ def train(cfg: Config, resume: bool = False, hooks: Sequence[Hook] = ()) -> dict
             "checkpoint": str(state.last_checkpoint) if state.last_checkpoint is not None else None,
             "eval": evaluator.results if state.main else None,
             "interrupted": state.interrupted,
+            "signal": (state.stop_signal or signal.SIGTERM) if state.interrupted else None,
             "out_dir": str(state.out_dir),
             "schedule": dataclasses.asdict(state.schedule),
         }
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             cleanup_distributed()

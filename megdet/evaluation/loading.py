@@ -39,7 +39,7 @@ def load_model_and_metadata(
             )
         try:
             cfg = config_from_dict(dict(ckpt.config))
-        except ConfigError as e:
+        except (ConfigError, TypeError) as e:  # TypeError: a hand-edited config, e.g. a non-string key
             raise CheckpointError(f"{path}: its stored config does not load ({e}); pass --config") from None
     if overrides:
         cfg = apply_overrides(cfg, overrides)

@@ -205,7 +205,7 @@ def test_sigterm_to_the_launcher_lets_workers_finish_and_is_one_line(tmp_path, s
     assert all((tmp_path / f"saved_{r}").exists() for r in (0, 1))  # the workers' handlers ran to the end
     lines = [line for line in stderr.splitlines() if line.startswith("megdet:")]
     assert lines == ["megdet: stopped by SIGTERM; the 2 workers were stopped (a training run saves a checkpoint"
-                     " on SIGTERM: continue with --resume)"]
+                     " on SIGTERM or SIGINT: continue with --resume)"]
     assert "Traceback" not in stderr
 
 

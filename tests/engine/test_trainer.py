@@ -416,7 +416,7 @@ def test_config_errors(tiny_cfg, tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     torch.save({"model": {}}, out / "model_0000010.pt")
-    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
         train(tiny_cfg())
 
 
