@@ -34,15 +34,9 @@ def _rle(x0: int, y0: int, x1: int, y1: int) -> tuple[dict[str, Any], dict[str, 
     m = np.zeros((H, W), np.uint8)
     m[y0:y1, x0:x1] = 1
     compressed = mask_utils.encode(np.asfortranarray(m))
-    flat = m.flatten(order="F")
-    runs, current, run = [], 0, 0
-    for v in flat:
-        if v == current:
-            run += 1
-        else:
-            runs.append(run)
-            current, run = v, 1
-    runs.append(run)
+    flat = m.flatten(order="F")  # COCO runs go down columns and start with a (possibly empty) run of zeros
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    runs = ([0] if flat[0] else []) + np.diff(bounds).tolist()
     return (
         {"size": [H, W], "counts": compressed["counts"].decode("ascii")},
         {"size": [H, W], "counts": runs},
