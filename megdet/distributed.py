@@ -102,8 +102,10 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> tuple[int, 
 
 def cleanup_distributed() -> None:
     """Destroys the default process group if there is one."""
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def is_distributed() -> bool:
@@ -147,19 +149,38 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def _collective_device() -> torch.device:
-    if is_distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+_HOST_GROUP: Any = None
+
+
+def _host_group() -> Any:
+    """The group for small host-side collectives: the default one under gloo; with NCCL a gloo group
+    made on first use (every rank reaches it at the same collective), so that summing a few Python
+    numbers never copies them to the GPU and back (a host synchronisation per call)."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
 
 
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sum over ranks of a list of floats (one collective)."""
+    """Element-wise sum over ranks of a list of floats (one collective, on the host)."""
     if not is_distributed():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_host_group())
+    return t.tolist()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean over ranks of a tensor, on its device (NCCL: queued, no host wait);
+    ``t`` itself in a single process."""
+    if not is_distributed():
+        return t
+    t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu().tolist()
+    return t / dist.get_world_size()
 
 
 def reduce_dict(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:

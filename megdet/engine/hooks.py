@@ -2,10 +2,13 @@
 
 :class:`~megdet.engine.trainer.Trainer` calls, on every hook in order, ``before_train(state)``, then per
 iteration ``before_step(state)`` and ``after_step(state, step)``, then ``after_train(state)`` when the
-loop ends without an exception, and ``close()`` always. The default hooks, in their order:
+loop ends without an exception, and ``close()`` always. A step's losses reach the hooks through
+``after_values(state, iteration, losses, grad_norm)`` once they have been read from the device: one
+step later, or earlier when a hook calls ``step.settle()`` (every hook that saves or evaluates does,
+so that what it saves has passed the non-finite-loss guard). The default hooks, in their order:
 
 - :class:`StopOnSignal`: SIGTERM or SIGINT (Ctrl-C) sets ``state.stop_signal``; the loop turns it into a
-  decision every rank takes at the same iteration (its step reduction carries the flag). Later signals,
+  decision every rank takes at the same iteration (a host all-reduce in every step). Later signals,
   e.g. during the checkpoint write, change nothing.
 - :class:`MetricsWriter`: the progress bar, ``metrics.jsonl`` and TensorBoard (rank 0).
 - :class:`PeriodicCheckpointer`: a checkpoint every ``train.checkpoint_period`` iterations, at the end
@@ -26,7 +29,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +60,11 @@ __all__ = [
 class StepResult:
     """What one iteration of the loop produced (the same on every rank, except ``data_time``)."""
 
-    losses: dict[str, float]  # each loss term and total_loss, averaged over the micro-batches and ranks
     lr: float  # the learning rate the step used
-    grad_norm: float | None  # before clipping, when train.grad_clip is on
     data_time: float  # seconds this rank waited for its batches
     stop: bool  # some rank asked to stop: every rank stops after this iteration
+    # Reads (and checks) the losses of every step so far now: call it before saving or evaluating.
+    settle: Callable[[], None] = lambda: None
 
 
 class Hook:
@@ -75,6 +78,12 @@ class Hook:
 
     def after_step(self, state: TrainState, step: StepResult) -> None:
         pass
+
+    def after_values(
+        self, state: TrainState, iteration: int, losses: Mapping[str, float], grad_norm: float | None
+    ) -> None:
+        """Iteration ``iteration``'s losses (each term and ``total_loss``, averaged over the micro-batches
+        and ranks, all finite) and gradient norm before clipping (with ``train.grad_clip``)."""
 
     def after_train(self, state: TrainState) -> None:
         pass
@@ -218,49 +227,60 @@ class StopOnSignal(Hook):
 
 
 class MetricsWriter(Hook):
-    """Every iteration the progress bar; every ``train.log_period`` iterations (and the last) a line of
-    window averages in ``metrics.jsonl`` and TensorBoard: losses, lr, gradient norm, images/s, the
-    time spent waiting for data (more than a few % means data.num_workers is too low), peak memory."""
+    """Every iteration the progress bar (showing the newest losses read, one step old); every
+    ``train.log_period`` iterations (and the last) a line of window averages in ``metrics.jsonl`` and
+    TensorBoard: losses, lr, gradient norm, images/s, the time spent waiting for data (more than a
+    few % means data.num_workers is too low), peak memory. A line is written when its iteration's
+    losses have been read."""
 
     def __init__(self, log: RunLog) -> None:
         self.log = log
         self.last_logged: dict[str, float] = {}
+        self._latest: dict[str, float] = {}
         self._window: dict[str, float] = {}
-        self._iters = 0
-        self._data_s = 0.0
+        self._values = 0  # iterations whose losses are in the window
+        self._lrs: dict[int, float] = {}  # each step's lr until its losses are read
+        self._last_lr = 0.0
+        self._steps, self._data_s, self._ips = 0, 0.0, 0.0  # timing window, by steps run
         self._window_start = self._run_start = time.perf_counter()
 
     def before_train(self, state: TrainState) -> None:
         self._window_start = self._run_start = time.perf_counter()
 
     def after_step(self, state: TrainState, step: StepResult) -> None:
-        for k, v in step.losses.items():
-            self._window[k] = self._window.get(k, 0.0) + v
-        if step.grad_norm is not None:
-            self._window["grad_norm"] = self._window.get("grad_norm", 0.0) + step.grad_norm
-        self._iters += 1
+        self._steps += 1
         self._data_s += step.data_time
-        ips = self._iters * state.schedule.global_batch / max(time.perf_counter() - self._window_start, 1e-9)
+        self._lrs[state.iteration] = self._last_lr = step.lr
+        self._ips = self._steps * state.schedule.global_batch / max(time.perf_counter() - self._window_start, 1e-9)
         mem = memory_mb(state.device)
-        self.log.progress({**step.losses, "lr": step.lr, "img/s": ips, "mem_mb": mem})
-        if state.iteration % state.cfg.train.log_period == 0 or _finished(state):
-            self.last_logged = {k: v / self._iters for k, v in self._window.items()}
+        self.log.progress({**self._latest, "lr": step.lr, "img/s": self._ips, "mem_mb": mem})
+
+    def after_values(
+        self, state: TrainState, iteration: int, losses: Mapping[str, float], grad_norm: float | None
+    ) -> None:
+        self._latest = dict(losses)
+        for k, v in [*losses.items(), *([("grad_norm", grad_norm)] if grad_norm is not None else [])]:
+            self._window[k] = self._window.get(k, 0.0) + v
+        self._values += 1
+        lr = self._lrs.pop(iteration, self._last_lr)
+        if iteration % state.cfg.train.log_period == 0 or iteration >= state.total_iters:
+            self.last_logged = {k: v / self._values for k, v in self._window.items()}
             record = {
-                "lr": step.lr,
+                "lr": lr,
                 **self.last_logged,
-                "images_per_s": ips,
-                "data_time": self._data_s / self._iters,
-                "memory_mb": mem,
+                "images_per_s": self._ips,
+                "data_time": self._data_s / max(self._steps, 1),
+                "memory_mb": memory_mb(state.device),
                 "time": time.perf_counter() - self._run_start,
             }
-            self.log.record(state.iteration, record)
-            self._window, self._iters, self._data_s = {}, 0, 0.0
+            self.log.record(iteration, record)
+            self._window, self._values, self._steps, self._data_s = {}, 0, 0, 0.0
             self._window_start = time.perf_counter()
 
     def losses(self) -> dict[str, float]:
         """The last logged window's averages, else those of the window so far."""
-        if not self.last_logged and self._iters:
-            return {k: v / self._iters for k, v in self._window.items()}
+        if not self.last_logged and self._values:
+            return {k: v / self._values for k, v in self._window.items()}
         return self.last_logged
 
 
@@ -271,6 +291,7 @@ class PeriodicCheckpointer(Hook):
 
     def after_step(self, state: TrainState, step: StepResult) -> None:
         if state.iteration % state.cfg.train.checkpoint_period == 0 or _finished(state) or step.stop:
+            step.settle()
             self.save(state)
 
     def after_train(self, state: TrainState) -> None:
@@ -338,6 +359,7 @@ class PeriodicEvaluator(Hook):
         period = state.cfg.test.eval_period
         due = (period > 0 and state.iteration % period == 0) or _finished(state)
         if due and self.unavailable is None:
+            step.settle()
             self.results = self.evaluate(state)
         elif _finished(state) and self.unavailable is not None:
             self.log.info(f"evaluation skipped: {self.unavailable}")
@@ -374,6 +396,7 @@ class FinalWeights(Hook):
 
     def after_step(self, state: TrainState, step: StepResult) -> None:
         if _finished(state) and not step.stop:
+            step.settle()
             self.after_train(state)
 
     def after_train(self, state: TrainState) -> None:

@@ -9,10 +9,10 @@ Per iteration: ``grad_accum_steps`` micro-batches of ``data.images_per_device`` 
 and back-propagated, each micro-step loss divided by ``grad_accum_steps`` so that, with
 DistributedDataParallel averaging over ranks, the gradient is that of the mean loss over the *global*
 batch (MegDet: normalise by the global batch, not the per-device one). DDP's gradient all-reduce runs
-only on the last micro-step (``no_sync`` before). The losses and a stop flag are then summed across
-ranks in one small all-reduce, which serves logging, the non-finite-loss guard and SIGTERM handling
-at once (every rank takes the same decision at the same iteration, so no rank is left waiting in a
-collective).
+only on the last micro-step (``no_sync`` before). The losses are averaged over the ranks on the
+device and read one step later (logging and the non-finite-loss guard); a stop flag (SIGTERM /
+SIGINT) is summed over the ranks on the host in every step. Either way every rank takes the same
+decision at the same iteration, so no rank is left waiting in a collective.
 
 Resuming (``resume=True``) restores the model, optimizer, lr scheduler, gradient scaler, iteration,
 data position and every rank's RNG states from the newest checkpoint in ``train.out_dir``. Because the
@@ -43,6 +43,7 @@ from megdet.config import Config, dump_config
 from megdet.data.errors import DatasetError
 from megdet.distributed import (
     all_gather_object,
+    all_reduce_mean,
     all_reduce_sum,
     barrier,
     cleanup_distributed,
@@ -59,6 +60,7 @@ from megdet.engine.hooks import (
     StopOnSignal,
     StopReporter,
 )
+from megdet.engine.lagged import LaggedReader, Pending
 from megdet.engine.lr_policy import plot_schedule
 from megdet.engine.run_folder import RunFolderError, RunLock, prepare_run_folder
 from megdet.engine.setup import TrainState, build_train_state
@@ -81,23 +83,23 @@ def _autocast(amp: str, device_type: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def accumulate_gradients(
+def forward_backward(
     model: nn.Module,
     batches: Sequence[Any],
     *,
     device: torch.device,
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """Forward + backward of every micro-batch, gradients summed in ``.grad`` (not zeroed here).
 
     Each micro-step's total loss is divided by ``len(batches)``, so the accumulated gradient is that
     of the mean loss over all micro-batches. With a DDP-wrapped ``model`` the gradient all-reduce runs
     only on the last micro-step. Returns each loss term (and ``total_loss``) averaged over the
-    micro-steps, as Python floats.
+    micro-steps as detached float32 scalars on the device: nothing here waits for the device.
     """
     steps = len(batches)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == steps - 1
         sync = (
@@ -114,10 +116,24 @@ def accumulate_gradients(
             total = sum(losses.values())
             scaled = total / steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach().float())
-        sums["total_loss"] = sums.get("total_loss", 0.0) + float(total.detach().float())
+        for k, v in [*losses.items(), ("total_loss", total)]:
+            v = v.detach().float()
+            sums[k] = sums[k] + v if k in sums else v
     return {k: v / steps for k, v in sums.items()}
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batches: Sequence[Any],
+    *,
+    device: torch.device,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """:func:`forward_backward` with the losses read as Python floats (on CUDA: after the device
+    has finished the step)."""
+    losses = forward_backward(model, batches, device=device, amp=amp, scaler=scaler)
+    return {k: float(v) for k, v in losses.items()}
 
 
 def apply_update(
@@ -126,16 +142,17 @@ def apply_update(
     *,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float = 0.0,
-) -> float | None:
+) -> torch.Tensor | None:
     """Optional gradient clipping, then the optimizer step (through the scaler for fp16).
 
-    Returns the gradient norm before clipping when clipping is on, else None.
+    Returns the gradient norm before clipping (a device scalar, not read here) when clipping is on,
+    else None.
     """
     norm = None
     if grad_clip > 0:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -154,11 +171,20 @@ def _format_losses(values: Mapping[str, float]) -> str:
 
 
 class Trainer:
-    """Runs the loop of a set-up run: step, reduce, stop decision; everything else is ``hooks``."""
+    """Runs the loop of a set-up run: step, reduce, stop decision; everything else is ``hooks``.
+
+    A step's losses stay on the device: they are averaged over the ranks there and read on the host
+    one step later (:class:`~megdet.engine.lagged.LaggedReader`), after the next step's forward and
+    backward have been queued, so that on a GPU reading them never drains the queue. The non-finite
+    loss guard therefore acts before the *next* update; before anything is saved or evaluated the
+    hooks call ``step.settle()``, which reads every pending value, so no checkpoint or evaluation
+    ever holds an unchecked step. The stop flag is summed on the host, in the step itself.
+    """
 
     def __init__(self, state: TrainState, hooks: Sequence[Hook]) -> None:
         self.state = state
         self.hooks = list(hooks)
+        self.reader = LaggedReader(state.device)
         self._loss_keys: list[str] | None = None
 
     def train(self) -> None:
@@ -176,6 +202,7 @@ class Trainer:
                 if step.stop:
                     state.interrupted = True
                     break
+            self.settle()
             for hook in self.hooks:
                 hook.after_train(state)
         finally:
@@ -200,6 +227,7 @@ class Trainer:
             return batches
         saved_now = s.iteration != s.start_iter and s.last_checkpoint != s.checkpoints.path_for(s.iteration)
         if saved_now:
+            self.settle()
             PeriodicCheckpointer.save(s)
         kept = f"the last checkpoint is {s.last_checkpoint}" if s.last_checkpoint else "no checkpoint was written"
         if saved_now:
@@ -209,31 +237,52 @@ class Trainer:
         )
 
     def run_step(self) -> StepResult:
-        """One optimizer step over ``train.grad_accum_steps`` micro-batches, losses and the stop flag
-        reduced over the ranks in one all-reduce; raises :class:`NonFiniteLossError` before updating."""
+        """One optimizer step over ``train.grad_accum_steps`` micro-batches. Before its update, the
+        previous step's values are read (raising :class:`NonFiniteLossError` for a non-finite loss);
+        this step's are queued for the next one."""
         s, t = self.state, self.state.cfg.train
         lr = s.optimizer.param_groups[0]["lr"]
         s.optimizer.zero_grad(set_to_none=True)
         data_start = time.perf_counter()
         batches = self.next_batches()
         data_time = time.perf_counter() - data_start
-        local = accumulate_gradients(s.net, batches, device=s.device, amp=s.amp, scaler=s.scaler)
-        self._loss_keys = self._loss_keys or sorted(local)
-        summed = all_reduce_sum([local[k] for k in self._loss_keys] + [1.0 if s.stop_signal else 0.0])
-        losses = {k: v / s.world_size for k, v in zip(self._loss_keys, summed)}
-        if not all(math.isfinite(v) for v in losses.values()):
-            from megdet.data.validate import describe_batch_data
-
-            good = f"last good checkpoint: {s.last_checkpoint}" if s.last_checkpoint else "no checkpoint was written"
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {s.iteration + 1}: {_format_losses(losses)};"
-                f" {describe_batch_data(batches, s.dataset)}; lr={lr:.6g}; stopped without saving ({good});"
-                " lower solver.base_lr, lengthen the warmup or set train.grad_clip"
-            )
+        losses = forward_backward(s.net, batches, device=s.device, amp=s.amp, scaler=s.scaler)
+        stop = all_reduce_sum([1.0 if s.stop_signal else 0.0])[0] > 0
+        self._deliver(self.reader.pop())
         grad_norm = apply_update(s.optimizer, s.params, scaler=s.scaler, grad_clip=t.grad_clip)
+        self._loss_keys = self._loss_keys or sorted(losses)
+        values = [losses[k] for k in self._loss_keys] + ([grad_norm.float()] if grad_norm is not None else [])
+        self.reader.push(s.iteration + 1, all_reduce_mean(torch.stack(values)), info=(lr, batches))
         s.scheduler.step()
         s.iteration += 1
-        return StepResult(losses, lr, grad_norm, data_time, stop=summed[-1] > 0)
+        return StepResult(lr, data_time, stop=stop, settle=self.settle)
+
+    def settle(self) -> None:
+        """Reads every step's pending values now (waiting for the device), checks and delivers them."""
+        self._deliver(self.reader.pop())
+
+    def _deliver(self, entries: Sequence[tuple[Pending, list[float]]]) -> None:
+        """Checks read values for non-finite losses, then hands them to the hooks (``after_values``)."""
+        keys = self._loss_keys or []
+        for entry, values in entries:
+            losses = dict(zip(keys, values))
+            grad_norm = values[len(keys)] if len(values) > len(keys) else None
+            if not all(math.isfinite(v) for v in losses.values()):
+                self._raise_non_finite(entry, losses)
+            for hook in self.hooks:
+                hook.after_values(self.state, entry.iteration, losses, grad_norm)
+
+    def _raise_non_finite(self, entry: Pending, losses: Mapping[str, float]) -> None:
+        from megdet.data.validate import describe_batch_data
+
+        s = self.state
+        lr, batches = entry.info
+        good = f"last good checkpoint: {s.last_checkpoint}" if s.last_checkpoint else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {entry.iteration}: {_format_losses(losses)};"
+            f" {describe_batch_data(batches, s.dataset)}; lr={lr:.6g}; stopped without saving ({good});"
+            " lower solver.base_lr, lengthen the warmup or set train.grad_clip"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,15 +13,11 @@ import os
 import subprocess
 import sys
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
 import torch
 from drawn_targets import shape_and_person
-from torch.utils._python_dispatch import TorchDispatchMode
+from sync_counting import SyncCounter, count_syncs
 
 from megdet.config import load_config
 from megdet.modeling import nms
@@ -30,63 +26,6 @@ from megdet.modeling.detector import GeneralizedRCNN, build_model
 torch.set_num_threads(1)
 
 K = 17
-_BOOL_INDEX_OPS = {"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
-                   "aten._index_put_impl_.default"}  # fmt: skip
-# Ops whose result size or value depends on the data: the host waits for the device.
-_SYNC_OPS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default",
-             "aten.bincount.default", "aten.equal.default", "aten.allclose.default",
-             "torchvision.nms.default"}  # fmt: skip
-# Python data copied into a tensor: on CUDA a blocking host-to-device copy.
-_HOST_DATA_OPS = {"aten.lift_fresh.default"}
-
-
-def _is_bool_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.dtype in (torch.bool, torch.uint8)
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts every dispatched op, and separately the host-synchronising ones by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.syncs: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        self.ops += 1
-        name = str(func)
-        if name in _SYNC_OPS or name in _HOST_DATA_OPS or name.startswith(("aten.unique", "aten._unique")):
-            self.syncs[name] += 1
-        elif name in _BOOL_INDEX_OPS and any(_is_bool_tensor(i) for i in args[1] if i is not None):
-            self.syncs[f"{name} (bool index)"] += 1
-        elif name.startswith("aten.repeat_interleave") and isinstance(
-            kwargs.get("repeats", args[1:2] and args[1]), torch.Tensor
-        ):
-            self.syncs[f"{name} (tensor repeats)"] += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total_syncs(self) -> int:
-        return sum(self.syncs.values())
-
-
-@contextmanager
-def count_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncCounter]:
-    """A :class:`SyncCounter` that also sees ``tolist`` / ``numpy`` / ``cpu``, which on CPU dispatch
-    no op but on CUDA copy to the host."""
-    counter = SyncCounter()
-    for method in ("tolist", "numpy", "cpu"):
-        original: Callable[..., Any] = getattr(torch.Tensor, method)
-
-        def wrapped(self, *a, _orig=original, _name=method, **kw):
-            counter.syncs[f"Tensor.{_name}"] += 1
-            return _orig(self, *a, **kw)
-
-        monkeypatch.setattr(torch.Tensor, method, wrapped)
-    with counter:
-        yield counter
-    monkeypatch.undo()
 
 
 def _cfg(*overrides: str):
@@ -158,7 +97,9 @@ def _triton_nms_step_syncs() -> dict[str, int]:
 def test_training_step_with_the_triton_nms_has_one_sync() -> None:
     """The CUDA path's NMS (one Triton launch) dispatches no op at all: only the RoI heads' read."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]  # drawn_targets, sync_counting
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     syncs = json.loads(proc.stdout.strip().splitlines()[-1])
