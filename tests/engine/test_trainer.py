@@ -240,22 +240,23 @@ def test_ddp_syncs_buffers_only_for_plain_batchnorm() -> None:
     assert name in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
 
 
-def test_fp16_loss_scaling_clips_unscaled_gradients_and_skips_overflow() -> None:
+@pytest.mark.parametrize("fused", [False, True])  # build_optimizer's optimizers are fused
+def test_fp16_loss_scaling_clips_unscaled_gradients_and_skips_overflow(fused: bool) -> None:
     # The trainer's GradScaler path (device-independent code; a CPU scaler here, CUDA's in fp16 runs).
     torch.manual_seed(0)
     images, ys = torch.randn(2, 3, 8, 8), torch.randn(2, 2)
     plain, scaled = _Toy(), _Toy()
     scaled.load_state_dict(plain.state_dict())
     cpu = torch.device("cpu")
-    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
-    opt_scaled = torch.optim.SGD(scaled.parameters(), lr=0.1)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, fused=fused)
+    opt_scaled = torch.optim.SGD(scaled.parameters(), lr=0.1, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     accumulate_gradients(plain, [_toy_batch(images, ys)], device=cpu)
     accumulate_gradients(scaled, [_toy_batch(images, ys)], device=cpu, scaler=scaler)
     assert scaled.fc.bias.grad.abs().sum() > 100 * plain.fc.bias.grad.abs().sum()  # really scaled
     norm_plain = apply_update(opt_plain, list(plain.parameters()), grad_clip=0.01)
     norm_scaled = apply_update(opt_scaled, list(scaled.parameters()), scaler=scaler, grad_clip=0.01)
-    assert norm_scaled == pytest.approx(norm_plain, rel=1e-5) and norm_plain > 0.01  # clipped, unscaled
+    assert float(norm_scaled) == pytest.approx(float(norm_plain), rel=1e-5) and norm_plain > 0.01  # clipped, unscaled
     for (n, a), b in zip(plain.named_parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)
 
