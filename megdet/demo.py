@@ -21,9 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from megdet.config import ConfigError, load_config
+from megdet.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 # What run_demo writes into OUT (and removes first, so that a second demo starts from scratch).
@@ -108,12 +111,6 @@ def run_demo(
         ``{"single": eval.json dict, "tta": eval.json dict, "times": {phase: s}, "cpu_times": {phase: s},
         "report": path}``; the same is written to ``OUT/demo.json``.
     """
-    from megdet.checkpoint import CheckpointManager
-    from megdet.distributed import launch_local
-    from megdet.evaluation.coco_eval import format_eval_table
-    from megdet.evaluation.inference import evaluate_model
-    from megdet.evaluation.loading import load_model_and_metadata
-    from megdet.evaluation.predict import category_info, predict_files
     from megdet.evaluation.report import plot_training_curves, write_report
 
     if nproc < 1:
@@ -124,18 +121,54 @@ def run_demo(
     overrides = list(overrides)
     cfg = load_config(config, [*overrides, f"train.out_dir={train_dir}"])
     cfg.validate(nproc)  # before deleting the last demo's outputs or generating data
+    _remove_outputs(out)
+    clock = _PhaseClock()
+
+    _make_dataset(cfg, nproc, clock)
+    _train(cfg, config, overrides, nproc, train_dir, clock)
+    model, cfg, meta, summary = _load_trained(train_dir)
+    final_eval = _final_eval_dir(train_dir, int(meta.get("iteration", summary.get("iteration", -1))))
+    single, tta = _evaluate(model, cfg, final_eval, out, clock)
+    images = _draw_examples(model, cfg, meta, out / "examples", num_examples, score_threshold, clock)
+
+    print("[demo 5/5] report", flush=True)
+    plots = plot_training_curves(train_dir / "metrics.jsonl", out)
+    clock.finish()
+    facts = _facts(cfg, config, overrides, nproc, summary, clock)
+    title = "megdet demo: boxes + masks + keypoints on the synthetic dataset"
+    tables = {"single-scale": single, "TTA": tta}
+    report = write_report(out / "report.md", title, tables, plots, images, facts)
+    result = {"single": single, "tta": tta, "times": clock.wall, "cpu_times": clock.cpu,
+              "report": str(report)}  # fmt: skip
+    (out / "demo.json").write_text(json.dumps(result, indent=2, default=float))
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in clock.wall.items())
+    print(f"[demo] done ({phases}): {report}", flush=True)
+    return result
+
+
+def _remove_outputs(out: Path) -> None:
+    """Removes the last demo's outputs from ``out`` (other files stay) and creates ``out``."""
     for name in _OUTPUTS:
         if (out / name).exists():
             shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    clock = _PhaseClock()
 
+
+def _make_dataset(cfg: Config, nproc: int, clock: _PhaseClock) -> None:
+    """Phase 1: the config's synthetic dataset, unless already there."""
     print(f"[demo 1/5] synthetic dataset in {cfg.data.root}", flush=True)
     t = clock.start()
     generated = ensure_synthetic_dataset(cfg.data.root, cfg.data.synth, workers=max(1, nproc))
     clock.stop("data", t)
     if not generated:
         print(f"[demo] {cfg.data.root} already holds this dataset; not regenerated", flush=True)
+
+
+def _train(
+    cfg: Config, config: Path, overrides: list[str], nproc: int, train_dir: Path, clock: _PhaseClock
+) -> None:
+    """Phase 2: training into ``train_dir``, in ``nproc`` local processes or in this one."""
+    from megdet.distributed import launch_local
 
     print(f"[demo 2/5] training with {nproc} process(es)", flush=True)
     t = clock.start()
@@ -150,16 +183,31 @@ def run_demo(
         train(cfg)
     clock.stop("train", t)
 
+
+def _load_trained(train_dir: Path) -> tuple[nn.Module, Config, dict[str, Any], dict[str, Any]]:
+    """The latest checkpoint's model, config and metadata, and the run's ``summary.json`` ({} when absent)."""
+    from megdet.checkpoint import CheckpointManager
+    from megdet.evaluation.loading import load_model_and_metadata
+
     ckpt = CheckpointManager(train_dir).latest()
     if ckpt is None:
         raise RuntimeError(f"{train_dir}: training wrote no checkpoint")
     model, cfg, meta = load_model_and_metadata(ckpt)
     summary_file = train_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return model, cfg, meta, summary
+
+
+def _evaluate(
+    model: nn.Module, cfg: Config, trained_eval: Path, out: Path, clock: _PhaseClock
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Phase 3: the single-scale results (the trainer's final evaluation in ``trained_eval`` when it
+    made one) into ``out/eval`` and the TTA results into ``out/eval_tta``."""
+    from megdet.evaluation.coco_eval import format_eval_table
+    from megdet.evaluation.inference import evaluate_model
 
     print("[demo 3/5] evaluation, single scale and with test-time augmentation", flush=True)
     t = clock.start()
-    trained_eval = _final_eval_dir(train_dir, int(meta.get("iteration", summary.get("iteration", -1))))
     if (trained_eval / "eval.json").is_file():
         # The trainer already evaluated the final model, sharded over its processes: reuse it.
         shutil.copytree(trained_eval, out / "eval")
@@ -171,22 +219,33 @@ def run_demo(
     t = clock.start()
     tta = evaluate_model(model, cfg, out_dir=out / "eval_tta", tta=True)
     clock.stop("eval_tta", t)
+    return single, tta
+
+
+def _draw_examples(
+    model: nn.Module, cfg: Config, meta: dict[str, Any], out: Path, num_examples: int, score_threshold: float,
+    clock: _PhaseClock,
+) -> list[Path]:  # fmt: skip
+    """Phase 4: predictions drawn on the first ``num_examples`` validation images; returns the drawings."""
+    from megdet.data.loader import build_test_dataset
+    from megdet.evaluation.predict import category_info, predict_files
 
     print(f"[demo 4/5] drawing predictions on {num_examples} validation images", flush=True)
     t = clock.start()
-    from megdet.data.loader import build_test_dataset
-
     val = build_test_dataset(cfg, cfg.data.val_split)
     paths = [val.image_path(i) for i in range(min(num_examples, len(val)))]
-    predict_files(model, cfg, paths, out / "examples", category_info(cfg, meta), score_threshold=score_threshold)
-    images = [out / "examples" / f"{Path(p).stem}.png" for p in paths]
+    predict_files(model, cfg, paths, out, category_info(cfg, meta), score_threshold=score_threshold)
+    images = [out / f"{Path(p).stem}.png" for p in paths]
     clock.stop("examples", t)
+    return images
 
-    print("[demo 5/5] report", flush=True)
-    plots = plot_training_curves(train_dir / "metrics.jsonl", out)
-    clock.finish()
+
+def _facts(
+    cfg: Config, config: Path, overrides: list[str], nproc: int, summary: dict[str, Any], clock: _PhaseClock
+) -> dict[str, Any]:
+    """The report's table of facts: config, model, data, schedule, TTA views and phase times."""
     tta_cfg = cfg.test.tta
-    facts = {
+    return {
         "config": str(config) + (" " + " ".join(overrides) if overrides else ""),
         "processes": nproc,
         "model": f"{cfg.model.backbone} FPN ({cfg.model.fpn_channels} ch), norm {cfg.model.norm}, "
@@ -197,22 +256,3 @@ def run_demo(
         "TTA": f"short sides {tta_cfg.min_sizes}, flip {tta_cfg.flip}, merge {tta_cfg.box_merge}",
         **{f"time {k} (s, wall / CPU)": f"{clock.wall[k]:.0f} / {clock.cpu[k]:.0f}" for k in clock.wall},
     }
-    report = write_report(
-        out / "report.md",
-        "megdet demo: boxes + masks + keypoints on the synthetic dataset",
-        {"single-scale": single, "TTA": tta},
-        plots,
-        images,
-        facts,
-    )
-    result = {
-        "single": single,
-        "tta": tta,
-        "times": clock.wall,
-        "cpu_times": clock.cpu,
-        "report": str(report),
-    }
-    (out / "demo.json").write_text(json.dumps(result, indent=2, default=float))
-    phases = ", ".join(f"{k} {v:.0f} s" for k, v in clock.wall.items())
-    print(f"[demo] done ({phases}): {report}", flush=True)
-    return result

@@ -247,53 +247,9 @@ def check_coco(
     data = read_coco_json(path)
     report = CheckReport(path=str(path), images_dir=str(images_dir) if images_dir is not None else None)
     cats = _check_categories(report, data["categories"])
-    cat_by_id = {c["id"]: c for c in cats}
-    keypoints_of = keypoint_counts(cats)
     images, usable = _check_image_entries(report, data["images"], allow_outside_images)
-    img_by_id = {im["id"]: im for im in images}
-
-    anns, issues = entries(data["annotations"], "annotation", ("id",))
-    for kind, detail in issues:
-        report.add(kind, detail)
-    report.num_annotations = len(data["annotations"])
-    annotated: set[Any] = set()
-    mask_candidates: list[tuple[dict[str, Any], tuple[int, int], str]] = []
-    for index, ann in enumerate(anns):
-        where = annotation_where(ann, index)
-        problems = list(annotation_problems(ann, img_by_id, keypoints_of))
-        for kind, detail in problems:
-            report.add(kind, f"{where}: {detail}")
-        kinds = {k for k, _ in problems}
-        if "missing_field" in kinds:
-            continue
-        img = img_by_id.get(ann["image_id"]) if "unknown_image_id" not in kinds else None
-        if img is not None:
-            annotated.add(ann["image_id"])
-        if "unknown_category_id" not in kinds:
-            report.annotations_per_category[category_name(cat_by_id[ann["category_id"]])] += 1
-        crowd = ann.get("iscrowd", 0) == 1
-        report.num_crowd += crowd
-        area = ann.get("area")
-        area_ok = is_number(area) and area >= 0
-        if area_ok and not crowd:
-            report.size_counts["small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"] += 1
-        if "keypoints" in ann and "bad_keypoints" not in kinds:
-            _keypoint_statistics(report, ann["keypoints"])
-        size = image_size(img)
-        seg = ann.get("segmentation")
-        # Box-only datasets leave the segmentation empty; polygons of fewer than 3 points enclose nothing.
-        if "bad_segmentation" in kinds or crowd or not area_ok or size is None:
-            continue
-        if isinstance(seg, dict) or (isinstance(seg, list) and any(len(p) >= 6 for p in seg)):
-            mask_candidates.append((ann, size, where))
-
-    report.masks_total = len(mask_candidates)
-    if len(mask_candidates) > MAX_MASK_CHECKS:
-        pick = np.linspace(0, len(mask_candidates) - 1, MAX_MASK_CHECKS).round().astype(int)
-        mask_candidates = [mask_candidates[i] for i in pick]
-    for ann, size, where in mask_candidates:
-        _check_mask(report, ann, size, where)
-
+    annotated, mask_candidates = _check_annotations(report, data["annotations"], cats, images)
+    _check_masks(report, mask_candidates)
     report.images_without_annotations = sum(1 for im in images if im["id"] not in annotated)
     if images_dir is not None:
         _check_images(report, usable, Path(images_dir))
@@ -305,6 +261,77 @@ def check_coco(
         check_label_maps(report, usable, label_maps_dir, known, MAX_IMAGE_DECODES)
     report.problems = {k: report.problems[k] for k in PROBLEM_KINDS if k in report.problems}
     return report
+
+
+# An annotation whose mask area can be checked: the annotation, its image's (height, width), where it is.
+_MaskCandidate = tuple[dict[str, Any], tuple[int, int], str]
+
+
+def _check_annotations(
+    report: CheckReport, items: list[Any], cats: list[dict[str, Any]], images: list[dict[str, Any]]
+) -> tuple[set[Any], list[_MaskCandidate]]:
+    """Validates every annotation and counts it in ``report``; returns the ids of the images that have
+    annotations and the annotations whose mask area can be checked."""
+    cat_by_id = {c["id"]: c for c in cats}
+    keypoints_of = keypoint_counts(cats)
+    img_by_id = {im["id"]: im for im in images}
+    anns, issues = entries(items, "annotation", ("id",))
+    for kind, detail in issues:
+        report.add(kind, detail)
+    report.num_annotations = len(items)
+    annotated: set[Any] = set()
+    mask_candidates: list[_MaskCandidate] = []
+    for index, ann in enumerate(anns):
+        where = annotation_where(ann, index)
+        problems = list(annotation_problems(ann, img_by_id, keypoints_of))
+        for kind, detail in problems:
+            report.add(kind, f"{where}: {detail}")
+        kinds = {k for k, _ in problems}
+        if "missing_field" in kinds:
+            continue
+        img = img_by_id.get(ann["image_id"]) if "unknown_image_id" not in kinds else None
+        if img is not None:
+            annotated.add(ann["image_id"])
+        _count_annotation(report, ann, kinds, cat_by_id)
+        size = image_size(img)
+        if size is not None and _has_checkable_mask(ann, kinds):
+            mask_candidates.append((ann, size, where))
+    return annotated, mask_candidates
+
+
+def _count_annotation(
+    report: CheckReport, ann: dict[str, Any], kinds: set[str], cat_by_id: dict[Any, dict[str, Any]]
+) -> None:
+    """Adds ``ann`` (with problem kinds ``kinds``) to the category, crowd, size and keypoint statistics."""
+    if "unknown_category_id" not in kinds:
+        report.annotations_per_category[category_name(cat_by_id[ann["category_id"]])] += 1
+    crowd = ann.get("iscrowd", 0) == 1
+    report.num_crowd += crowd
+    area = ann.get("area")
+    if is_number(area) and area >= 0 and not crowd:
+        report.size_counts["small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"] += 1
+    if "keypoints" in ann and "bad_keypoints" not in kinds:
+        _keypoint_statistics(report, ann["keypoints"])
+
+
+def _has_checkable_mask(ann: dict[str, Any], kinds: set[str]) -> bool:
+    """Whether ``ann`` is a non-crowd annotation with a valid area and a mask that encloses something."""
+    area = ann.get("area")
+    if "bad_segmentation" in kinds or ann.get("iscrowd", 0) == 1 or not (is_number(area) and area >= 0):
+        return False
+    seg = ann.get("segmentation")
+    # Box-only datasets leave the segmentation empty; polygons of fewer than 3 points enclose nothing.
+    return isinstance(seg, dict) or (isinstance(seg, list) and any(len(p) >= 6 for p in seg))
+
+
+def _check_masks(report: CheckReport, mask_candidates: list[_MaskCandidate]) -> None:
+    """Checks the mask areas of at most ``MAX_MASK_CHECKS`` candidates, evenly spread."""
+    report.masks_total = len(mask_candidates)
+    if len(mask_candidates) > MAX_MASK_CHECKS:
+        pick = np.linspace(0, len(mask_candidates) - 1, MAX_MASK_CHECKS).round().astype(int)
+        mask_candidates = [mask_candidates[i] for i in pick]
+    for ann, size, where in mask_candidates:
+        _check_mask(report, ann, size, where)
 
 
 def _pct(n: int, total: int) -> str:

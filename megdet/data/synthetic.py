@@ -37,7 +37,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from megdet.data.layout import COCO_KEYPOINT_NAMES, COCO_SKELETON, split_files
+from megdet.data.layout import COCO_KEYPOINT_NAMES, COCO_SKELETON, SplitFiles, split_files
 from megdet.files import write_json_atomic
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "triangle", "rectangle", "star", "ring", "cross")
@@ -479,9 +479,10 @@ def _place(rng: np.random.Generator, obj: _Obj, idmap: np.ndarray, visible: list
 
 
 _Job = tuple[int, int, int, int, str, str | None]
+_Rendered = tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]
 
 
-def _render_one(job: _Job) -> tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]:
+def _render_one(job: _Job) -> _Rendered:
     """Draws image ``idx`` of split ``split_id``, writes its PNG (and, with a ``label_path``, its stuff
     background and label map) and returns (h, w, annotations, stuff annotations), without ids."""
     seed, split_id, idx, image_size, path, label_path = job
@@ -489,14 +490,36 @@ def _render_one(job: _Job) -> tuple[int, int, list[dict[str, Any]], list[dict[st
     short = int(round(image_size * rng.uniform(0.6, 1.0)))
     h, w = (short, image_size) if rng.random() < 0.5 else (image_size, short)
     scale = image_size / _REF_SIZE
-    stuff_labels = None
-    if label_path is not None:
-        stuff_image, stuff_labels = _stuff(rng, h, w, scale)
-        img = _background(rng, h, w, scale, base=np.clip(stuff_image + 0.5, 0, 255).astype(np.uint8))
-    else:
-        img = _background(rng, h, w, scale)
+    img, stuff_labels = _start_image(rng, h, w, scale, with_stuff=label_path is not None)
     objs = _sample_objects(rng, h, w, scale)
+    idmap, visible = _compose(rng, img, objs)
+    _save_noisy(rng, img, path)
+    annotated = [_is_annotated(v, obj.full_area) for v, obj in zip(visible, objs)]
+    anns = [_annotation(obj, k, idmap, visible[k - 1])
+            for k, obj in enumerate(objs, start=1) if annotated[k - 1]]  # fmt: skip
+    if stuff_labels is None:
+        return h, w, anns, []
+    assert label_path is not None
+    labels = _label_map(objs, annotated, idmap, stuff_labels)
+    Image.fromarray(labels).save(label_path, compress_level=1)
+    return h, w, anns, _stuff_annotations(labels)
 
+
+def _start_image(
+    rng: np.random.Generator, h: int, w: int, scale: float, with_stuff: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The background to draw objects on and, ``with_stuff``, the stuff label map under it."""
+    if not with_stuff:
+        return _background(rng, h, w, scale), None
+    stuff_image, stuff_labels = _stuff(rng, h, w, scale)
+    img = _background(rng, h, w, scale, base=np.clip(stuff_image + 0.5, 0, 255).astype(np.uint8))
+    return img, stuff_labels
+
+
+def _compose(rng: np.random.Generator, img: np.ndarray, objs: list[_Obj]) -> tuple[np.ndarray, list[int]]:
+    """Places and paints ``objs`` into ``img`` back to front; returns the id map (object ``k`` = k,
+    0 = background) and each object's visible pixel count."""
+    h, w = img.shape[:2]
     idmap = np.zeros((h, w), np.int16)
     visible: list[int] = []
     full: list[int] = []
@@ -512,60 +535,73 @@ def _render_one(job: _Job) -> tuple[int, int, list[dict[str, Any]], list[dict[st
         # for a minority of camouflaged objects.
         avoid = [img[ys, xs][m].mean(axis=0) if m.any() else img.mean(axis=(0, 1))]
         avoid += [objs[j - 1].colour for j in np.unique(under) if j > 0]
-        camo = rng.random() < 0.12
-        obj.colour = _distinct_colour(rng, avoid, camo)
-        if obj.category_id == PERSON_CATEGORY_ID:
-            fill = np.empty((*lab.shape, 3), np.float32)
-            skin = _distinct_colour(rng, avoid, camo)
-            legs = _distinct_colour(rng, avoid, camo)
-            arms = obj.colour if rng.random() < 0.5 else skin
-            eyes = np.full(3, 20.0 if skin.mean() > 110 else 235.0, np.float32)
-            for part, col in ((_HEAD, skin), (_TORSO, obj.colour), (_ARMS, arms), (_LEGS, legs), (_EYES, eyes)):
-                fill[lab == part] = col
-        else:
-            fill = _texture(rng, *lab.shape, obj.colour)
+        fill = _paint(rng, obj, lab, avoid)
         img[ys, xs][m] = fill[m]
         counts = np.bincount(under, minlength=len(visible) + 1)[1:]
         visible = [v - int(c) for v, c in zip(visible, counts)]
         idmap[ys, xs][m] = k
         visible.append(int(m.sum()))
         full.append(obj.full_area)
+    return idmap, visible
 
+
+def _paint(rng: np.random.Generator, obj: _Obj, lab: np.ndarray, avoid: list[np.ndarray]) -> np.ndarray:
+    """Picks ``obj.colour`` (and a person's part colours) away from ``avoid``; returns the fill of ``lab``."""
+    camo = rng.random() < 0.12
+    obj.colour = _distinct_colour(rng, avoid, camo)
+    if obj.category_id != PERSON_CATEGORY_ID:
+        return _texture(rng, *lab.shape, obj.colour)
+    fill = np.empty((*lab.shape, 3), np.float32)
+    skin = _distinct_colour(rng, avoid, camo)
+    legs = _distinct_colour(rng, avoid, camo)
+    arms = obj.colour if rng.random() < 0.5 else skin
+    eyes = np.full(3, 20.0 if skin.mean() > 110 else 235.0, np.float32)
+    for part, col in ((_HEAD, skin), (_TORSO, obj.colour), (_ARMS, arms), (_LEGS, legs), (_EYES, eyes)):
+        fill[lab == part] = col
+    return fill
+
+
+def _save_noisy(rng: np.random.Generator, img: np.ndarray, path: str) -> None:
+    """Adds sensor noise to ``img`` (in place) and writes it as an 8-bit PNG."""
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(1.5, 6.0))
     np.clip(img + np.float32(0.5), 0, 255, out=img)
     # Z_RLE (compress_type 3) skips most of zlib's match search: several times faster than the
     # default on noisy images and no larger.
     Image.fromarray(img.astype(np.uint8)).save(path, compress_level=1, compress_type=3)
 
-    anns: list[dict[str, Any]] = []
-    for k, obj in enumerate(objs, start=1):
-        if visible[k - 1] < max(_MIN_VISIBLE_PIXELS, _MIN_VISIBLE_FRACTION * full[k - 1]):
-            continue  # mostly hidden: left unannotated, as an annotator would
-        vis = idmap == k
-        rows, cols = np.flatnonzero(vis.any(axis=1)), np.flatnonzero(vis.any(axis=0))
-        bx, by, bw, bh = int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
-        rle = mask_utils.encode(np.asfortranarray(vis.view(np.uint8)))
-        ann: dict[str, Any] = {
-            "category_id": obj.category_id,
-            "bbox": [float(bx), float(by), float(bw), float(bh)],
-            "area": int(visible[k - 1]),
-            "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-            "iscrowd": 0,
-        }
-        if obj.keypoints is not None:
-            ann["keypoints"], ann["num_keypoints"] = _keypoints(obj, k, idmap, (bx, by, bw, bh))
-        anns.append(ann)
-    if stuff_labels is None:
-        return h, w, anns, []
-    # Things by category (annotated objects), 255 where an unannotated, mostly hidden object shows.
-    annotated = {k for k, obj in enumerate(objs, start=1)
-                 if visible[k - 1] >= max(_MIN_VISIBLE_PIXELS, _MIN_VISIBLE_FRACTION * full[k - 1])}  # fmt: skip
-    thing = np.array([0] + [obj.category_id - 1 if k in annotated else _UNLABELLED
-                            for k, obj in enumerate(objs, start=1)], np.uint8)  # fmt: skip
-    labels = np.where(idmap > 0, thing[idmap], stuff_labels).astype(np.uint8)
-    assert label_path is not None
-    Image.fromarray(labels).save(label_path, compress_level=1)
-    return h, w, anns, _stuff_annotations(labels)
+
+def _is_annotated(visible: int, full: int) -> bool:
+    """Whether an object with ``visible`` of its ``full`` pixels showing is annotated (not mostly hidden)."""
+    return visible >= max(_MIN_VISIBLE_PIXELS, _MIN_VISIBLE_FRACTION * full)
+
+
+def _annotation(obj: _Obj, k: int, idmap: np.ndarray, visible: int) -> dict[str, Any]:
+    """The COCO annotation (without ids) of object ``k``: visible mask, tight box, a person's keypoints."""
+    h, w = idmap.shape
+    vis = idmap == k
+    rows, cols = np.flatnonzero(vis.any(axis=1)), np.flatnonzero(vis.any(axis=0))
+    bx, by, bw, bh = int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+    rle = mask_utils.encode(np.asfortranarray(vis.view(np.uint8)))
+    ann: dict[str, Any] = {
+        "category_id": obj.category_id,
+        "bbox": [float(bx), float(by), float(bw), float(bh)],
+        "area": int(visible),
+        "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+        "iscrowd": 0,
+    }
+    if obj.keypoints is not None:
+        ann["keypoints"], ann["num_keypoints"] = _keypoints(obj, k, idmap, (bx, by, bw, bh))
+    return ann
+
+
+def _label_map(
+    objs: list[_Obj], annotated: list[bool], idmap: np.ndarray, stuff_labels: np.ndarray
+) -> np.ndarray:
+    """The COCO-Stuff style label map: things by category (annotated objects), 255 where an
+    unannotated, mostly hidden object shows, the stuff labels elsewhere."""
+    thing = [obj.category_id - 1 if ok else _UNLABELLED for obj, ok in zip(objs, annotated)]
+    lut = np.array([0, *thing], np.uint8)
+    return np.where(idmap > 0, lut[idmap], stuff_labels).astype(np.uint8)
 
 
 def _keypoints(obj: _Obj, k: int, idmap: np.ndarray, box: tuple[int, int, int, int]) -> tuple[list[float], int]:
@@ -605,9 +641,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_json_atomic(path, data, separators=(",", ":"))
 
 
-def _results(
-    pool: Any, workers: int, jobs: list[_Job]
-) -> Iterator[tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]]:
+def _results(pool: Any, workers: int, jobs: list[_Job]) -> Iterator[_Rendered]:
     if pool is None:
         return map(_render_one, jobs)
     # Ordered imap: results arrive in image order whatever the worker count, keeping ids stable.
@@ -634,6 +668,29 @@ def generate_synthetic_coco(
     ``stuff``: stuff backgrounds and label maps (module docstring); the summary then also has
     ``stuff_fraction`` (stuff name -> fraction of all pixels).
     """
+    _check_arguments(num_train=num_train, num_val=num_val, image_size=image_size, workers=workers, seed=seed)
+    header = _header(seed, image_size)
+    summary: dict[str, Any] = {}
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        for split_id, split in enumerate(_SPLITS):
+            num = num_train if split == "train" else num_val
+            files = split_files(Path(out_dir), split)
+            images, anns, stuff_anns = _render_split(
+                pool, workers, files, split_id, split, num, seed=seed, image_size=image_size, stuff=stuff,
+                progress=progress,
+            )  # fmt: skip
+            _write_split(files, header, images, anns, stuff_anns if stuff else None)
+            summary[split] = _split_summary(num, images, anns, stuff_anns if stuff else None)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return summary
+
+
+def _check_arguments(num_train: Any, num_val: Any, image_size: Any, workers: Any, seed: Any) -> None:
+    """Raises ValueError naming the first argument of :func:`generate_synthetic_coco` out of range."""
     for name, value in (("num_train", num_train), ("num_val", num_val)):
         if not isinstance(value, int) or value < 0 or value > _MAX_IMAGES:
             raise ValueError(f"generate_synthetic_coco: {name} must be an integer in 0..{_MAX_IMAGES}, got {value!r}")
@@ -644,8 +701,9 @@ def generate_synthetic_coco(
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"generate_synthetic_coco: seed must be a non-negative integer, got {seed!r}")
 
-    out = Path(out_dir)
-    names = {c["id"]: c["name"] for c in categories()}
+
+def _header(seed: int, image_size: int) -> dict[str, Any]:
+    """The ``info`` and ``licenses`` fields every annotation file of the dataset starts with."""
     info = {
         "description": f"megdet synthetic COCO-format dataset (seed {seed}, long side {image_size})",
         "url": "",
@@ -654,65 +712,82 @@ def generate_synthetic_coco(
         "contributor": "megdet",
         "date_created": "2017/09/01",
     }
-    licenses = [{"url": "", "id": 1, "name": "generated data, no restrictions"}]
-    summary: dict[str, Any] = {}
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        for split_id, split in enumerate(_SPLITS):
-            num = num_train if split == "train" else num_val
-            offset = _VAL_ID_OFFSET if split == "val" else 0
-            files = split_files(out, split)
-            files.images.mkdir(parents=True, exist_ok=True)
-            if stuff:
-                files.label_maps.mkdir(parents=True, exist_ok=True)
-            image_ids = [offset + i + 1 for i in range(num)]
-            jobs: list[_Job] = [
-                (seed, split_id, i, image_size, str(files.images / f"{iid:012d}.png"),
-                 str(files.label_maps / f"{iid:012d}.png") if stuff else None)
-                for i, iid in enumerate(image_ids)
-            ]  # fmt: skip
-            images: list[dict[str, Any]] = []
-            anns: list[dict[str, Any]] = []
-            stuff_anns: list[dict[str, Any]] = []
-            results = tqdm(_results(pool, workers, jobs), total=num, desc=f"synthetic {split}", disable=not progress,
-                           unit="img")  # fmt: skip
-            for iid, (h, w, img_anns, img_stuff) in zip(image_ids, results):
-                images.append({"license": 1, "file_name": f"{iid:012d}.png", "height": h, "width": w, "id": iid})
-                for a in img_anns:
-                    anns.append({"id": offset + len(anns) + 1, "image_id": iid, **a})
-                for a in img_stuff:
-                    stuff_anns.append({"id": offset + len(stuff_anns) + 1, "image_id": iid, **a})
-            persons = [a for a in anns if a["category_id"] == PERSON_CATEGORY_ID]
-            instances = [{k: v for k, v in a.items() if k not in ("keypoints", "num_keypoints")} for a in anns]
-            base = {"info": info, "licenses": licenses, "images": images}
-            _write_json(files.instances, {**base, "annotations": instances, "categories": categories()})
-            _write_json(files.keypoints, {**base, "annotations": persons, "categories": [_person_category()]})
-            if stuff:
-                _write_json(files.stuff, {**base, "annotations": stuff_anns, "categories": stuff_categories()})
-            sizes = {"small": 0, "medium": 0, "large": 0}
-            for a in anns:
-                sizes["small" if a["area"] < _SMALL else "medium" if a["area"] < _LARGE else "large"] += 1
-            per_cat = {n: 0 for n in names.values()}
-            for a in anns:
-                per_cat[names[a["category_id"]]] += 1
-            summary[split] = {
-                "images": num,
-                "annotations": len(anns),
-                "persons": len(persons),
-                "images_with_person": len({a["image_id"] for a in persons}),
-                "per_category": per_cat,
-                "sizes": sizes,
-            }
-            if stuff:
-                pixels = max(1, sum(im["height"] * im["width"] for im in images))
-                summary[split]["stuff_fraction"] = {
-                    c["name"]: sum(a["area"] for a in stuff_anns if a["category_id"] == c["id"]) / pixels
-                    for c in stuff_categories()
-                }
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    return {"info": info, "licenses": [{"url": "", "id": 1, "name": "generated data, no restrictions"}]}
+
+
+def _render_split(
+    pool: Any, workers: int, files: SplitFiles, split_id: int, split: str, num: int, *, seed: int,
+    image_size: int, stuff: bool, progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Renders the ``num`` images of ``split`` into ``files``; returns their image entries, annotations
+    and stuff annotations, with COCO ids (val ids start at ``_VAL_ID_OFFSET + 1``)."""
+    offset = _VAL_ID_OFFSET if split == "val" else 0
+    files.images.mkdir(parents=True, exist_ok=True)
+    if stuff:
+        files.label_maps.mkdir(parents=True, exist_ok=True)
+    image_ids = [offset + i + 1 for i in range(num)]
+    jobs: list[_Job] = [
+        (seed, split_id, i, image_size, str(files.images / f"{iid:012d}.png"),
+         str(files.label_maps / f"{iid:012d}.png") if stuff else None)
+        for i, iid in enumerate(image_ids)
+    ]  # fmt: skip
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    stuff_anns: list[dict[str, Any]] = []
+    results = tqdm(_results(pool, workers, jobs), total=num, desc=f"synthetic {split}", disable=not progress,
+                   unit="img")  # fmt: skip
+    for iid, (h, w, img_anns, img_stuff) in zip(image_ids, results):
+        images.append({"license": 1, "file_name": f"{iid:012d}.png", "height": h, "width": w, "id": iid})
+        for a in img_anns:
+            anns.append({"id": offset + len(anns) + 1, "image_id": iid, **a})
+        for a in img_stuff:
+            stuff_anns.append({"id": offset + len(stuff_anns) + 1, "image_id": iid, **a})
+    return images, anns, stuff_anns
+
+
+def _write_split(
+    files: SplitFiles, header: dict[str, Any], images: list[dict[str, Any]], anns: list[dict[str, Any]],
+    stuff_anns: list[dict[str, Any]] | None,
+) -> None:
+    """Writes a split's instances and person_keypoints files and, and, with ``stuff_anns``, the stuff file."""
+    persons = [a for a in anns if a["category_id"] == PERSON_CATEGORY_ID]
+    instances = [{k: v for k, v in a.items() if k not in ("keypoints", "num_keypoints")} for a in anns]
+    base = {**header, "images": images}
+    _write_json(files.instances, {**base, "annotations": instances, "categories": categories()})
+    _write_json(files.keypoints, {**base, "annotations": persons, "categories": [_person_category()]})
+    if stuff_anns is not None:
+        _write_json(files.stuff, {**base, "annotations": stuff_anns, "categories": stuff_categories()})
+
+
+def _split_summary(
+    num: int,
+    images: list[dict[str, Any]],
+    anns: list[dict[str, Any]],
+    stuff_anns: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """A split's statistics as :func:`generate_synthetic_coco` returns them."""
+    names = {c["id"]: c["name"] for c in categories()}
+    persons = [a for a in anns if a["category_id"] == PERSON_CATEGORY_ID]
+    sizes = {"small": 0, "medium": 0, "large": 0}
+    for a in anns:
+        sizes["small" if a["area"] < _SMALL else "medium" if a["area"] < _LARGE else "large"] += 1
+    per_cat = {n: 0 for n in names.values()}
+    for a in anns:
+        per_cat[names[a["category_id"]]] += 1
+    summary: dict[str, Any] = {
+        "images": num,
+        "annotations": len(anns),
+        "persons": len(persons),
+        "images_with_person": len({a["image_id"] for a in persons}),
+        "per_category": per_cat,
+        "sizes": sizes,
+    }
+    if stuff_anns is not None:
+        pixels = max(1, sum(im["height"] * im["width"] for im in images))
+        summary["stuff_fraction"] = {
+            c["name"]: sum(a["area"] for a in stuff_anns if a["category_id"] == c["id"]) / pixels
+            for c in stuff_categories()
+        }
     return summary
 
 

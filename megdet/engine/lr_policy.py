@@ -169,43 +169,15 @@ def resolve_schedule(
         ValueError: a count below 1 (``max_iters``: -1 or >= 1).
     """
     s = solver_cfg
-    for name, value in (("world_size", world_size), ("images_per_device", images_per_device),
-                        ("grad_accum_steps", grad_accum_steps)):  # fmt: skip
-        if value < 1:
-            raise ValueError(f"resolve_schedule: {name} must be >= 1, got {value}")
-    if max_iters != -1 and max_iters < 1:
-        raise ValueError(f"resolve_schedule: max_iters must be -1 or >= 1, got {max_iters}")
-    if num_images < 1:
-        raise ConfigError("the training split has no images; check data.root and data.train_split")
+    _check_counts(world_size, images_per_device, grad_accum_steps, num_images, max_iters)
     s.validate()
     decay_epochs = list(s.decay_epochs) if s.policy == "step" else []
-
     global_batch = world_size * images_per_device * grad_accum_steps
     scaling = scaling_rule(s)
     lr = s.base_lr * batch_factor(scaling, global_batch / s.reference_batch)
     ipe = max(1, _iters_per_epoch(num_images, global_batch))
-    if max_iters > 0:
-        total = max_iters
-        decay_iters = [round(total * d / s.epochs) for d in decay_epochs]
-    else:
-        total = max(1, round(s.epochs * ipe))
-        decay_iters = [round(d * ipe) for d in decay_epochs]
-
-    if not s.warmup:
-        warmup, rule = 0, "solver.warmup=false"
-    elif s.warmup_iters >= 0:
-        warmup, rule = s.warmup_iters, "solver.warmup_iters"
-    else:
-        by_images = math.ceil(WARMUP_IMAGES / global_batch)
-        floored = max(by_images, MIN_WARMUP_ITERS)
-        cap = max(1, math.floor(MAX_WARMUP_FRACTION * total))
-        warmup = min(floored, cap)
-        if warmup == by_images:
-            rule = f"{WARMUP_IMAGES} images / global batch {global_batch}"
-        elif warmup == cap and cap < floored:
-            rule = f"capped at {MAX_WARMUP_FRACTION:g} of a {total}-iteration run"
-        else:
-            rule = f"floor of {MIN_WARMUP_ITERS} iterations"
+    total, decay_iters = _run_length(s, decay_epochs, ipe, max_iters)
+    warmup, rule = _warmup_length(s, global_batch, total)
     return ScheduleInfo(
         world_size=world_size,
         images_per_device=images_per_device,
@@ -229,6 +201,49 @@ def resolve_schedule(
         lr_scaling=scaling,
         betas=scaled_betas(s, global_batch) if s.optimizer in ADAPTIVE_OPTIMIZERS else [],
     )
+
+
+def _check_counts(
+    world_size: int, images_per_device: int, grad_accum_steps: int, num_images: int, max_iters: int
+) -> None:
+    """Raises the error of :func:`resolve_schedule` for the first count out of range."""
+    for name, value in (("world_size", world_size), ("images_per_device", images_per_device),
+                        ("grad_accum_steps", grad_accum_steps)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"resolve_schedule: {name} must be >= 1, got {value}")
+    if max_iters != -1 and max_iters < 1:
+        raise ValueError(f"resolve_schedule: max_iters must be -1 or >= 1, got {max_iters}")
+    if num_images < 1:
+        raise ConfigError("the training split has no images; check data.root and data.train_split")
+
+
+def _run_length(
+    s: SolverConfig, decay_epochs: list[float], ipe: int, max_iters: int
+) -> tuple[int, list[int]]:
+    """Total iterations and decay iterations: from the epochs, or ``max_iters`` with the decays at
+    the same fraction of the run."""
+    if max_iters > 0:
+        return max_iters, [round(max_iters * d / s.epochs) for d in decay_epochs]
+    return max(1, round(s.epochs * ipe)), [round(d * ipe) for d in decay_epochs]
+
+
+def _warmup_length(s: SolverConfig, global_batch: int, total: int) -> tuple[int, str]:
+    """Warmup iterations and, in words, the rule that chose them (the module docstring's images rule)."""
+    if not s.warmup:
+        return 0, "solver.warmup=false"
+    if s.warmup_iters >= 0:
+        return s.warmup_iters, "solver.warmup_iters"
+    by_images = math.ceil(WARMUP_IMAGES / global_batch)
+    floored = max(by_images, MIN_WARMUP_ITERS)
+    cap = max(1, math.floor(MAX_WARMUP_FRACTION * total))
+    warmup = min(floored, cap)
+    if warmup == by_images:
+        rule = f"{WARMUP_IMAGES} images / global batch {global_batch}"
+    elif warmup == cap and cap < floored:
+        rule = f"capped at {MAX_WARMUP_FRACTION:g} of a {total}-iteration run"
+    else:
+        rule = f"floor of {MIN_WARMUP_ITERS} iterations"
+    return warmup, rule
 
 
 def scaling_rule(solver_cfg: SolverConfig) -> str:

@@ -24,9 +24,9 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ from torch.utils.data import DataLoader
 from megdet.config import Config
 from megdet.data.layout import split_files
 from megdet.distributed import all_gather_object, unwrap_model
+
+if TYPE_CHECKING:
+    from megdet.data.loader import Batch
+    from megdet.evaluation.coco_eval import COCOEvaluator
+    from megdet.evaluation.sem_seg_eval import SemSegEvaluator
 
 
 def _keypoint_category_ids(path: Path) -> list[int]:
@@ -101,30 +106,47 @@ def evaluate_model(
     ``out_dir``, rank 0 writes ``coco_results_{task}.json``, ``eval.json`` and ``timing.json`` there.
     With ``progress``, rank 0 shows a progress bar and prints the timing and the AP table.
     """
-    from megdet.data.loader import num_test_images
-    from megdet.evaluation.coco_eval import COCOEvaluator, EvaluationError, format_eval_table
     from megdet.evaluation.sem_seg_eval import semantic_evaluator
-    from megdet.evaluation.tta import multiview_predictor
 
     cfg.test.validate(tta)
     cfg.data.validate()
-
     models = [
         unwrap_model(m) for m in (model_or_models if isinstance(model_or_models, Sequence) else [model_or_models])
     ]
     if not models:
         raise ValueError("evaluate_model: no model given")
     split = split or cfg.data.val_split
-    use_predictor = tta or len(models) > 1
     keypoints_on = any(m.roi_heads.keypoint_head is not None for m in models)
-    device = models[0].device
 
-    loader = _build_loader(cfg, split, rank, world_size, original_size=use_predictor)
-    dataset = loader.dataset
+    loader = _build_loader(cfg, split, rank, world_size, original_size=tta or len(models) > 1)
+    evaluator = _coco_evaluator(cfg, split, loader.dataset, keypoints_on)
+    sem_seg = semantic_evaluator(models, loader.dataset)
+    predict = _batch_predictor(models, cfg, tta, loader.dataset, keypoints_on)
+    desc = f"eval {split}" if progress and rank == 0 else None
+    measured = _run_inference(models, loader, predict, evaluator, sem_seg, desc)
+
+    shards = all_gather_object(measured)
+    results, eval_s = _summarize(evaluator, sem_seg, rank, out_dir)
+    if rank != 0:
+        return {}
+    timing = _timing(shards, eval_s, tta, len(models))
+    if out_dir is not None:
+        with open(Path(out_dir) / "timing.json", "w") as f:
+            json.dump(timing, f, indent=2)
+    if progress:
+        _print_summary(results, timing)
+    return results
+
+
+def _coco_evaluator(cfg: Config, split: str, dataset: Any, keypoints_on: bool) -> COCOEvaluator:
+    """The COCO evaluator of ``split``'s annotation files, for the images this evaluation runs."""
+    from megdet.data.loader import num_test_images
+    from megdet.evaluation.coco_eval import COCOEvaluator
+
     size = num_test_images(cfg, dataset)
     files = split_files(cfg.data.root, split)
     gt_keypoints = files.keypoints if keypoints_on else None
-    evaluator = COCOEvaluator(
+    return COCOEvaluator(
         gt_instances=files.instances,
         coco_category_ids=dataset.coco_category_ids,
         gt_keypoints=gt_keypoints,
@@ -133,37 +155,67 @@ def evaluate_model(
         keypoint_category_ids=_keypoint_category_ids(gt_keypoints) if gt_keypoints is not None else None,
         image_ids=list(dataset.image_ids[:size]),
     )
-    sem_seg = semantic_evaluator(models, dataset)
 
-    predictor = None
-    if use_predictor:
-        try:
-            predictor = multiview_predictor(models, cfg, tta, dataset.keypoint_flip_map if keypoints_on else None)
-        except ValueError as e:  # models that cannot form an ensemble: bad input, one line
-            raise EvaluationError(str(e)) from None
 
+_Predictions = list[dict[str, torch.Tensor]]
+
+
+def _batch_predictor(
+    models: list[nn.Module], cfg: Config, tta: bool, dataset: Any, keypoints_on: bool
+) -> Callable[[Batch], _Predictions]:
+    """Test batch -> float CPU predictions: the model on the loader's resized images, or (TTA, an
+    ensemble) the multi-view predictor on the original-size ones."""
+    from megdet.evaluation.coco_eval import EvaluationError
+    from megdet.evaluation.tta import multiview_predictor
+
+    device = models[0].device
+    if not (tta or len(models) > 1):
+
+        def plain(batch: Batch) -> _Predictions:
+            b = batch.to(device, non_blocking=True)
+            preds = models[0](b.images, b.image_sizes, original_sizes=b.original_sizes)
+            return [{k: v.float().cpu() for k, v in p.items()} for p in preds]
+
+        return plain
+    try:
+        predictor = multiview_predictor(models, cfg, tta, dataset.keypoint_flip_map if keypoints_on else None)
+    except ValueError as e:  # models that cannot form an ensemble: bad input, one line
+        raise EvaluationError(str(e)) from None
+
+    def multiview(batch: Batch) -> _Predictions:
+        images = [batch.images[i, :, :h, :w] for i, (h, w) in enumerate(batch.image_sizes)]
+        return [{k: v.float().cpu() for k, v in p.items()} for p in predictor(images)]
+
+    return multiview
+
+
+def _run_inference(
+    models: list[nn.Module],
+    loader: DataLoader,
+    predict: Callable[[Batch], _Predictions],
+    evaluator: COCOEvaluator,
+    sem_seg: SemSegEvaluator | None,
+    desc: str | None,
+) -> tuple[int, float, float]:
+    """Feeds the predictions of every batch to the evaluators, the models in eval mode (restored after)
+    and the caller's RNG untouched; a progress bar titled ``desc`` unless None. Returns (images,
+    wall seconds, seconds in the models)."""
+    device = models[0].device
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    show = progress and rank == 0
     num_images, model_s = 0, 0.0
     start = time.perf_counter()
     try:
         with torch.no_grad(), _preserved_rng(device):
             batches: Any = loader
-            if show:
+            if desc is not None:
                 from tqdm import tqdm
 
-                batches = tqdm(loader, total=len(loader), desc=f"eval {split}", unit="batch", leave=False)
+                batches = tqdm(loader, total=len(loader), desc=desc, unit="batch", leave=False)
             for batch in batches:
                 t0 = time.perf_counter()
-                if predictor is not None:
-                    images = [batch.images[i, :, :h, :w] for i, (h, w) in enumerate(batch.image_sizes)]
-                    preds = predictor(images)
-                else:
-                    b = batch.to(device, non_blocking=True)
-                    preds = models[0](b.images, b.image_sizes, original_sizes=b.original_sizes)
-                preds = [{k: v.float().cpu() for k, v in p.items()} for p in preds]
+                preds = predict(batch)
                 _sync(device)
                 model_s += time.perf_counter() - t0
                 num_images += len(batch)
@@ -173,9 +225,14 @@ def evaluate_model(
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)
-    infer_s = time.perf_counter() - start
+    return num_images, time.perf_counter() - start, model_s
 
-    shards = all_gather_object((num_images, infer_s, model_s))
+
+def _summarize(
+    evaluator: COCOEvaluator, sem_seg: SemSegEvaluator | None, rank: int, out_dir: str | Path | None
+) -> tuple[dict[str, Any], float]:
+    """Runs the COCO (and semantic) evaluation, collectives on every rank; returns rank 0's results
+    (writing them to ``out_dir``) and the seconds it took."""
     t0 = time.perf_counter()
     results = evaluator.summarize(out_dir if rank == 0 else None)
     if sem_seg is not None:
@@ -185,12 +242,16 @@ def evaluate_model(
             if out_dir is not None:
                 with open(Path(out_dir) / "eval.json", "w") as f:
                     json.dump(results, f, indent=2)
-    eval_s = time.perf_counter() - t0
-    if rank != 0:
-        return {}
+    return results, time.perf_counter() - t0
+
+
+def _timing(
+    shards: list[tuple[int, float, float]], eval_s: float, tta: bool, num_models: int
+) -> dict[str, Any]:
+    """``timing.json``: images and throughput over all ranks (their slowest), evaluation seconds."""
     total = sum(s[0] for s in shards)
     wall = max(s[1] for s in shards)
-    timing = {
+    return {
         "images": total,
         "ranks": len(shards),
         "inference_s": wall,
@@ -198,16 +259,19 @@ def evaluate_model(
         "model_s": max(s[2] for s in shards),
         "coco_eval_s": eval_s,
         "tta": bool(tta),
-        "models": len(models),
+        "models": num_models,
     }
-    if out_dir is not None:
-        with open(Path(out_dir) / "timing.json", "w") as f:
-            json.dump(timing, f, indent=2)
-    if progress:
-        mode = ("TTA " if tta else "") + (f"ensemble of {len(models)}" if len(models) > 1 else "")
-        print(
-            f"inference{' (' + mode.strip() + ')' if mode else ''}: {total} images in {wall:.1f} s "
-            f"({timing['images_per_s']:.1f} img/s on {len(shards)} rank(s)); COCO eval {eval_s:.1f} s"
-        )
-        print(format_eval_table(results))
-    return results
+
+
+def _print_summary(results: dict[str, Any], timing: dict[str, Any]) -> None:
+    """Prints the throughput line and the AP table."""
+    from megdet.evaluation.coco_eval import format_eval_table
+
+    n = timing["models"]
+    mode = ("TTA " if timing["tta"] else "") + (f"ensemble of {n}" if n > 1 else "")
+    print(
+        f"inference{' (' + mode.strip() + ')' if mode else ''}: {timing['images']} images in "
+        f"{timing['inference_s']:.1f} s ({timing['images_per_s']:.1f} img/s on {timing['ranks']} rank(s)); "
+        f"COCO eval {timing['coco_eval_s']:.1f} s"
+    )
+    print(format_eval_table(results))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,63 +137,95 @@ def predict_files(
     views of a keypoint model. Every path is checked before the first prediction; two inputs with the
     same file name get ``NAME_1``, ``NAME_2``... outputs.
     """
-    from megdet.data.errors import DatasetError
-    from megdet.data.transforms import Normalize
-    from megdet.evaluation.tta import multiview_predictor
-    from megdet.evaluation.visualize import draw_predictions, predictions_to_json, save_png
-
     cfg.data.validate()  # the test transform's sizes and normalisation
     models = [unwrap_model(m) for m in model] if isinstance(model, Sequence) else [unwrap_model(model)]
-    predictor = None
-    if tta or len(models) > 1:
-        cfg.test.validate(tta)
-        predictor = multiview_predictor([m.eval() for m in models], cfg, tta, keypoint_flip_map)
-        normalize = Normalize(cfg.data.pixel_mean, cfg.data.pixel_std)
-    missing = [Path(p) for p in image_paths if not Path(p).is_file()]
-    if missing:
-        raise DatasetError(
-            f"{missing[0]}: image file not found ({len(missing)} of {len(image_paths)} inputs missing)"
-        )
+    predict = _image_predictor(models, cfg, tta, keypoint_flip_map)
+    _check_files_exist(image_paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     everything: list[dict[str, Any]] = []
     for path in map(Path, image_paths):
         image = read_image(path)
-        if predictor is None:
-            pred = predict_image(models[0], cfg, image)
-        else:
-            with torch.no_grad():
-                view = normalize(image, {})[0].to(models[0].device)
-                pred = {k: v.float().cpu() for k, v in predictor([view])[0].items()}
-        name, n = path.stem, 0
-        while name in used:
-            n += 1
-            name = f"{path.stem}_{n}"
-        used.add(name)
-        drawn = draw_predictions(
-            image, pred, categories.names, score_threshold, categories.skeleton,
-            keypoint_labels=categories.keypoint_labels,
-        )  # fmt: skip
-        png = save_png(drawn, out / f"{name}.png")
-        detections = predictions_to_json(
-            pred, categories.names, categories.coco_ids, score_threshold,
-            keypoint_labels=categories.keypoint_labels,
-        )  # fmt: skip
-        entry = {
-            "image": str(path),
-            "height": int(image.shape[-2]),
-            "width": int(image.shape[-1]),
-            "drawn": str(png),
-            "detections": detections,
-        }
-        if "sem_seg" in pred:
-            from megdet.data.semantic import save_label_map
-
-            entry["sem_seg"] = str(save_label_map(pred["sem_seg"], out / f"{name}_sem_seg.png"))
-        with open(out / f"{name}.json", "w") as f:
-            json.dump(entry, f)
-        everything.append(entry)
+        pred = predict(image)
+        name = _unique_name(path.stem, used)
+        everything.append(_write_prediction(path, image, pred, out, name, categories, score_threshold))
     with open(out / "predictions.json", "w") as f:
         json.dump(everything, f)
     return everything
+
+
+def _image_predictor(
+    models: list[nn.Module], cfg: Config, tta: bool, flip_map: Sequence[int] | None
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """uint8 (3, H, W) image -> prediction on CPU: the one model, or the multi-view predictor of an
+    ensemble or of ``tta``."""
+    from megdet.data.transforms import Normalize
+    from megdet.evaluation.tta import multiview_predictor
+
+    if not (tta or len(models) > 1):
+        return lambda image: predict_image(models[0], cfg, image)
+    cfg.test.validate(tta)
+    predictor = multiview_predictor([m.eval() for m in models], cfg, tta, flip_map)
+    normalize = Normalize(cfg.data.pixel_mean, cfg.data.pixel_std)
+
+    def predict(image: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            view = normalize(image, {})[0].to(models[0].device)
+            return {k: v.float().cpu() for k, v in predictor([view])[0].items()}
+
+    return predict
+
+
+def _check_files_exist(image_paths: Sequence[str | Path]) -> None:
+    """Raises a one-line DatasetError naming the first of ``image_paths`` that is not a file."""
+    from megdet.data.errors import DatasetError
+
+    missing = [Path(p) for p in image_paths if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{missing[0]}: image file not found ({len(missing)} of {len(image_paths)} inputs missing)"
+        )
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_1``, ``stem_2``... when taken; the name returned is added to ``used``."""
+    name, n = stem, 0
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name
+
+
+def _write_prediction(
+    path: Path, image: Tensor, pred: dict[str, Tensor], out: Path, name: str, categories: CategoryInfo,
+    score_threshold: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Writes ``out/NAME.png`` (drawn), ``out/NAME.json`` (and ``out/NAME_sem_seg.png``) for one image;
+    returns its ``predictions.json`` entry."""
+    from megdet.evaluation.visualize import draw_predictions, predictions_to_json, save_png
+
+    drawn = draw_predictions(
+        image, pred, categories.names, score_threshold, categories.skeleton,
+        keypoint_labels=categories.keypoint_labels,
+    )  # fmt: skip
+    png = save_png(drawn, out / f"{name}.png")
+    detections = predictions_to_json(
+        pred, categories.names, categories.coco_ids, score_threshold,
+        keypoint_labels=categories.keypoint_labels,
+    )  # fmt: skip
+    entry = {
+        "image": str(path),
+        "height": int(image.shape[-2]),
+        "width": int(image.shape[-1]),
+        "drawn": str(png),
+        "detections": detections,
+    }
+    if "sem_seg" in pred:
+        from megdet.data.semantic import save_label_map
+
+        entry["sem_seg"] = str(save_label_map(pred["sem_seg"], out / f"{name}_sem_seg.png"))
+    with open(out / f"{name}.json", "w") as f:
+        json.dump(entry, f)
+    return entry
