@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -76,8 +77,23 @@ class FoldedFrozenBN(FrozenBatchNorm2d):
         return x
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
+        """The per-output-channel weight scale (shaped for a conv weight) and the bias.
+
+        Computed from the buffers only when one of them changed (a state_dict load or a copy bumps the
+        tensor's version, a move replaces it): a step would otherwise launch five small kernels per
+        conv for values that never change while training, and on a GPU the launches are the cost.
+        """
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in buffers)
+        cached = getattr(self, "_scale_shift", None)
+        if cached is not None and cached[0] == key and (torch.is_inference_mode_enabled() or not cached[1].is_inference()):
+            return cached[1], cached[2]
+        with torch.no_grad():
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            shift = self.bias - self.running_mean * scale
+        scale = scale.reshape(-1, 1, 1, 1)
+        self._scale_shift = (key, scale, shift)
+        return scale, shift
 
 
 class ConvFrozenBN(nn.Conv2d):
@@ -90,7 +106,7 @@ class ConvFrozenBN(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self._folded_bn.scale_shift()
-        return F.conv2d(x, self.weight * scale.reshape(-1, 1, 1, 1), shift, self.stride, self.padding,
+        return F.conv2d(x, self.weight * scale, shift, self.stride, self.padding,
                         self.dilation, self.groups)  # fmt: skip
 
 

@@ -151,6 +151,46 @@ def test_frozen_bn_folded_into_convs_matches_torchvision_frozen_bn(tmp_path) -> 
         )
 
 
+def _folded_reference(conv: ConvFrozenBN, x: torch.Tensor) -> torch.Tensor:
+    bn = conv._folded_bn
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    return torch.nn.functional.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift, conv.stride, conv.padding)
+
+
+def test_folded_frozen_bn_scale_is_computed_once_until_its_buffers_change() -> None:
+    from sync_counting import SyncCounter
+
+    torch.manual_seed(0)
+    body = ResNetBody("resnet18", "FrozenBN", trainable_layers=5)
+    conv = body.layer1[0].conv1
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(conv._folded_bn, name).uniform_(0.5, 1.5)
+    x = torch.randn(2, 64, 8, 8)
+    counters = [SyncCounter(), SyncCounter()]
+    for counter in counters:
+        with counter:
+            out = conv(x)
+    assert torch.equal(out, _folded_reference(conv, x))
+    # The second forward reuses the scale and bias: the eps add, rsqrt and three products are not run.
+    assert counters[1].ops <= counters[0].ops - 4, (counters[0].ops, counters[1].ops)
+    out.sum().backward()  # the weight still trains through the cached scale
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+    # A state_dict load copies into the buffers in place: the next forward sees the new values.
+    state = body.state_dict()
+    state["layer1.0.bn1.running_var"] = torch.full_like(state["layer1.0.bn1.running_var"], 4.0)
+    body.load_state_dict(state)
+    assert torch.equal(conv(x), _folded_reference(conv, x))
+    body.double()  # a move replaces the buffers
+    assert conv(x.double()).dtype == torch.float64
+    assert torch.equal(conv(x.double()), _folded_reference(conv, x.double()))
+    with torch.inference_mode():  # an inference-mode forward's cache is not reused under autograd
+        conv(x.double())
+    conv(x.double()).sum().backward()
+
+
 def test_load_backbone_weights_errors_name_the_parameter(tmp_path) -> None:
     state = torchvision.models.resnet18(weights=None).state_dict()
     bad = dict(state)
