@@ -119,7 +119,7 @@ def forward_backward(
         for k, v in [*losses.items(), ("total_loss", total)]:
             v = v.detach().float()
             sums[k] = sums[k] + v if k in sums else v
-    return {k: v / steps for k, v in sums.items()}
+    return sums if steps == 1 else {k: v / steps for k, v in sums.items()}
 
 
 def accumulate_gradients(
