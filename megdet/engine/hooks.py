@@ -166,26 +166,40 @@ class RunLog:
     def record(self, iteration: int, values: Mapping[str, Any]) -> None:
         if not self.main:
             return
-        self.metrics.write(json.dumps({"iter": iteration, **values}) + "\n")
-        self.metrics.flush()
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and k != "time":
-                self.tb.add_scalar(
-                    k if k.startswith("loss") or k == "total_loss" else f"train/{k}", v, iteration
-                )
-        self.tb.flush()
+        scalars = {
+            k if k.startswith("loss") or k == "total_loss" else f"train/{k}": v
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and k != "time"
+        }
+        self._write(iteration, {"iter": iteration, **values}, scalars)
 
     def record_eval(self, iteration: int, results: Mapping[str, Any]) -> None:
         if not self.main:
             return
         stats = {task: r.get("stats", r) for task, r in results.items()}
-        self.metrics.write(json.dumps({"iter": iteration, "eval": stats}) + "\n")
-        self.metrics.flush()
-        for task, values in stats.items():
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and v >= 0:
-                    self.tb.add_scalar(f"eval/{task}/{k}", v, iteration)
-        self.tb.flush()
+        scalars = {
+            f"eval/{task}/{k}": v
+            for task, values in stats.items()
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and v >= 0
+        }
+        self._write(iteration, {"iter": iteration, "eval": stats}, scalars)
+
+    def _write(self, iteration: int, line: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+        """One metrics.jsonl line and its TensorBoard scalars; a failed write (a full disk) is a
+        :class:`WriteError` naming the file, not a traceback."""
+        target = self.metrics_path
+        try:
+            self.metrics.write(json.dumps(line) + "\n")
+            self.metrics.flush()
+            target = self.metrics_path.parent / "tb"
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, iteration)
+            self.tb.flush()
+        except OSError as e:
+            raise WriteError(
+                f"{target}: {e.strerror or e} (iteration {iteration}); free space, then continue with --resume"
+            ) from None
 
     def close(self) -> None:
         if self.bar is not None:
@@ -273,7 +287,10 @@ class MetricsWriter(Hook):
                 "memory_mb": memory_mb(state.device),
                 "time": time.perf_counter() - self._run_start,
             }
-            self.log.record(iteration, record)
+            try:
+                self.log.record(iteration, record)
+            except WriteError as e:
+                raise WriteError(f"{e}; the last good checkpoint is {state.last_checkpoint or 'none yet'}") from None
             self._window, self._values, self._steps, self._data_s = {}, 0, 0, 0.0
             self._window_start = time.perf_counter()
 

@@ -226,8 +226,8 @@ PID_WORKER = textwrap.dedent(
 
 
 def test_sigterm_to_one_worker_stops_every_rank_at_one_checkpoint(tiny_cfg, tmp_path, signal_when_ready) -> None:
-    # A preempted node signals only its own processes: the stop flag travels in the iteration's
-    # all-reduce, so every rank stops after the same iteration and they save one checkpoint together.
+    # A preempted node signals only its own processes: the stop flag is summed over the ranks in every
+    # iteration, so every rank stops after the same iteration and they save one checkpoint together.
     import signal
     import subprocess
 
@@ -253,6 +253,34 @@ def test_sigterm_to_one_worker_stops_every_rank_at_one_checkpoint(tiny_cfg, tmp_
     k = summaries[0]["iteration"]
     assert all(s["interrupted"] and s["iteration"] == k for s in summaries) and 1 <= k < 500
     assert load_checkpoint(out / f"model_{k:07d}.pt")["iteration"] == k
+
+
+def test_ctrl_c_on_a_two_process_run_saves_one_checkpoint_and_exits_130(tiny_cfg, tmp_path, signal_when_ready) -> None:
+    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group: `megdet train --nproc 2`
+    # (the launcher) and both workers at once.
+    import signal
+    import subprocess
+
+    cfg = tiny_cfg("model.norm=CrossDeviceBN", "data.images_per_device=1", "train.max_iters=500",
+                   "train.checkpoint_period=1000")  # fmt: skip
+    (tmp_path / "tiny.yaml").write_text(dump_config(cfg))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megdet", "train", "--config", str(tmp_path / "tiny.yaml"), "--nproc", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    started = lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2  # noqa: E731
+    _, stderr = signal_when_ready(proc, started, lambda: os.killpg(proc.pid, signal.SIGINT))
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    checkpoints = sorted(out.glob("model_*.pt"))
+    assert len(checkpoints) == 1 and not (out / "model_final.pt").exists()
+    k = load_checkpoint(checkpoints[0])["iteration"]
+    assert 2 <= k < 500 and checkpoints[0].name == f"model_{k:07d}.pt"
+    ours = [line for line in stderr.splitlines() if line.startswith("megdet:")]
+    assert len(ours) == 1 and "SIGINT" in ours[0] and "--resume" in ours[0], ours
 
 
 def test_workers_get_a_long_grace_period_after_sigterm(monkeypatch) -> None:

@@ -477,6 +477,44 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(
     _error_line(capsys.readouterr().err, str(run / "config.yaml"), "No space left on device")
 
 
+def test_a_full_disk_under_the_metrics_stops_with_one_line(tiny, tmp_path, monkeypatch, capsys) -> None:
+    from megdet.config import dump_config
+    from megdet.engine import hooks
+
+    real_init = hooks.RunLog.__init__
+
+    class FillsUp:
+        """metrics.jsonl on a disk that fills up after its third line."""
+
+        def __init__(self, f) -> None:
+            self._f, self._lines = f, 0
+
+        def write(self, data: str) -> int:
+            self._lines += 1
+            if self._lines > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def init(self, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        if self.main:
+            self.metrics = FillsUp(self.metrics)
+
+    monkeypatch.setattr(hooks.RunLog, "__init__", init)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny("train.max_iters=8", "train.checkpoint_period=2", "train.log_period=1")))
+    assert main(["train", "--config", str(config)]) == 2
+    run = tmp_path / "run"
+    line = _error_line(capsys.readouterr().err, str(run / "metrics.jsonl"), "No space left on device",
+                       "iteration 4", "--resume")  # fmt: skip
+    # Iteration 4's line is written before its checkpoint: the run stops with iteration 2's.
+    assert f"the last good checkpoint is {run / 'model_0000002.pt'}" in line
+    assert CheckpointManager(run).latest() == run / "model_0000002.pt"
+
+
 @pytest.mark.parametrize(("signum", "workers", "code"), [(signal.SIGINT, 1, 130), (signal.SIGTERM, 0, 143)])
 def test_a_signal_saves_then_exits_and_a_second_signal_does_not_kill_the_save(
     tiny, tmp_path, monkeypatch, capsys, signum: int, workers: int, code: int
