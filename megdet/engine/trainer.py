@@ -122,18 +122,10 @@ def forward_backward(
     return sums if steps == 1 else {k: v / steps for k, v in sums.items()}
 
 
-def accumulate_gradients(
-    model: nn.Module,
-    batches: Sequence[Any],
-    *,
-    device: torch.device,
-    amp: str = "off",
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, float]:
-    """:func:`forward_backward` with the losses read as Python floats (on CUDA: after the device
-    has finished the step)."""
-    losses = forward_backward(model, batches, device=device, amp=amp, scaler=scaler)
-    return {k: float(v) for k, v in losses.items()}
+def accumulate_gradients(model: nn.Module, batches: Sequence[Any], **kwargs: Any) -> dict[str, float]:
+    """:func:`forward_backward` (the same arguments) with the losses read as Python floats (on CUDA:
+    after the device has finished the step)."""
+    return {k: float(v) for k, v in forward_backward(model, batches, **kwargs).items()}
 
 
 def apply_update(
