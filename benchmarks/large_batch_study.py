@@ -6,7 +6,7 @@ set) at global batch 8, 16, 32, 64 and 128 (``--batches 8,...,256`` for more) fo
 epochs, changing nothing but the number of devices and the images per device. The learning rate,
 warmup and iterations follow the global batch through the trainer's own policy
 (megdet/engine/lr_policy.py: ``solver.lr_scaling=auto`` is the square root of ``batch / 8`` for AdamW,
-warmup 16,000 images capped at a quarter of the run, iterations = 16 x ceil(1000 / batch)). There is
+warmup 16,000 images capped at half of the run, iterations = 16 x ceil(1000 / batch)). There is
 no gradient accumulation: every device is a real process (CPU) or a real GPU batch.
 
 Two modes

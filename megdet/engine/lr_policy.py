@@ -38,7 +38,7 @@ Warmup (``solver.warmup = true``)
                            max(1, floor(MAX_WARMUP_FRACTION x total_iters)))
 
     with ``WARMUP_IMAGES = 16,000`` (detectron2's 1000 iterations at the reference batch of 16),
-    ``MIN_WARMUP_ITERS = 50`` and ``MAX_WARMUP_FRACTION = 0.25``. Why this is safe at a large batch,
+    ``MIN_WARMUP_ITERS = 50`` and ``MAX_WARMUP_FRACTION = 0.5``. Why this is safe at a large batch,
     where the peak lr is higher:
 
     - Warmup exists because the linear scaling rule ("one step of batch kn at lr k*eta ~= k steps of
@@ -52,10 +52,14 @@ Warmup (``solver.warmup = true``)
     - The floor of 50 iterations binds above a batch of 320 (16,000 / 50), where a fixed image count
       would leave so few steps that one step could raise the lr by more than 2% of its peak. There it
       lengthens the warmup in images (more conservative), never shortens it.
-    - The cap of a quarter of the run binds only for runs shorter than four warmups (64,000 images;
-      200 iterations where the floor applies): smoke tests and toy data sets, which would otherwise
-      spend most or all of their iterations warming up. A run that wants a longer warmup sets
-      ``solver.warmup_iters`` explicitly; an explicit value >= 0 is used as is (0: no warmup).
+    - The cap of half the run binds only for runs shorter than two warmups (32,000 images; 100
+      iterations where the floor applies): short runs and toy data sets, which would otherwise spend
+      all of their iterations warming up. Half rather than a quarter: where the cap binds, the images
+      rule asks for more warmup than the run has, and at a large batch such a run has few steps; on the
+      demo recipe at batch 128 (128 steps) a warmup of 64 steps gave 28.8 box AP where 32 gave 17 and
+      16 gave 8.6, and at batch 8 half cost nothing (BENCHMARKS.md, the large-batch study). A run that
+      wants another warmup sets ``solver.warmup_iters`` explicitly; an explicit value >= 0 is used as
+      is (0: no warmup).
 
 Decay
     ``step``: at each ``decay_iters[i]`` the lr is multiplied by ``decay_factors[i]``, cumulatively
@@ -81,7 +85,7 @@ from megdet.files import atomic_write
 
 WARMUP_IMAGES = 16_000
 MIN_WARMUP_ITERS = 50
-MAX_WARMUP_FRACTION = 0.25
+MAX_WARMUP_FRACTION = 0.5
 ADAPTIVE_OPTIMIZERS = ("adamw", "lamb")  # Adam-type: square-root scaling under lr_scaling=auto
 
 

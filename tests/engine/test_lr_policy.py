@@ -85,7 +85,7 @@ def test_warmup_floor_at_very_large_batch() -> None:
 
 def test_warmup_capped_for_short_runs_and_explicit_values() -> None:
     short = _info(1, num_images=100)  # 600 iterations in all, 8000 by the image rule
-    assert short.total_iters == 600 and short.warmup_iters == 150
+    assert short.total_iters == 600 and short.warmup_iters == 300 and "capped at 0.5" in short.warmup_rule
     assert _info(1, warmup_iters=37).warmup_iters == 37
     off = _info(8, warmup=False)
     assert off.warmup_iters == 0 and lr_at(off, 0) == off.lr
@@ -110,7 +110,7 @@ def test_max_iters_keeps_decays_at_the_same_fraction() -> None:
     info = _info(2, max_iters=1200)
     assert info.total_iters == 1200
     assert info.decay_iters == [800, 1100]
-    assert info.warmup_iters == min(max(4000, MIN_WARMUP_ITERS), 300)
+    assert info.warmup_iters == min(max(4000, MIN_WARMUP_ITERS), 600)  # capped at half of the run
 
 
 def test_cosine_ends_at_the_floor() -> None:
@@ -248,13 +248,13 @@ def test_plot_schedule_writes_a_png(tmp_path) -> None:
 
 # The demo recipe (configs/demo.yaml: AdamW, 0.004 at its batch of 8, 16 epochs of 1000 images) on 2
 # devices at every global batch: (peak lr, iterations, warmup iterations). AdamW follows the square root
-# of the batch ratio; warmup stays a quarter of the run, i.e. 4 epochs (4,000 images) at every batch.
+# of the batch ratio; warmup stays half of the run, i.e. 8 epochs (8,000 images) at every batch.
 DEMO_POLICY = {
-    8: (0.004, 2000, 500),
-    16: (0.004 * math.sqrt(2), 1008, 252),  # an epoch is ceil(1000 / batch) iterations (the sampler's)
-    32: (0.008, 512, 128),
-    64: (0.004 * math.sqrt(8), 256, 64),
-    128: (0.016, 128, 32),
+    8: (0.004, 2000, 1000),
+    16: (0.004 * math.sqrt(2), 1008, 504),  # an epoch is ceil(1000 / batch) iterations (the sampler's)
+    32: (0.008, 512, 256),
+    64: (0.004 * math.sqrt(8), 256, 128),
+    128: (0.016, 128, 64),
 }
 
 
