@@ -3,7 +3,7 @@
 :class:`~megdet.engine.trainer.Trainer` calls, on every hook in order, ``before_train(state)``, then per
 iteration ``before_step(state)`` and ``after_step(state, step)``, then ``after_train(state)`` when the
 loop ends without an exception, and ``close()`` always. A step's losses reach the hooks through
-``after_values(state, iteration, losses, grad_norm)`` once they have been read from the device: one
+``after_values(state, values)`` (:class:`StepValues`) once they have been read from the device: one
 step later, or earlier when a hook calls ``step.settle()`` (every hook that saves or evaluates does,
 so that what it saves has passed the non-finite-loss guard). The default hooks, in their order:
 
@@ -50,6 +50,7 @@ __all__ = [
     "PeriodicEvaluator",
     "RunLog",
     "StepResult",
+    "StepValues",
     "StopOnSignal",
     "StopReporter",
     "memory_mb",
@@ -67,6 +68,16 @@ class StepResult:
     settle: Callable[[], None] = lambda: None
 
 
+@dataclass
+class StepValues:
+    """One iteration's values once read from the device (one step late, or at a settle)."""
+
+    iteration: int
+    lr: float  # the learning rate the step used
+    losses: dict[str, float]  # each term and total_loss, averaged over the micro-batches and ranks; finite
+    grad_norm: float | None  # before clipping, with train.grad_clip
+
+
 class Hook:
     """Does nothing at every point; subclasses override what they need."""
 
@@ -79,11 +90,8 @@ class Hook:
     def after_step(self, state: TrainState, step: StepResult) -> None:
         pass
 
-    def after_values(
-        self, state: TrainState, iteration: int, losses: Mapping[str, float], grad_norm: float | None
-    ) -> None:
-        """Iteration ``iteration``'s losses (each term and ``total_loss``, averaged over the micro-batches
-        and ranks, all finite) and gradient norm before clipping (with ``train.grad_clip``)."""
+    def after_values(self, state: TrainState, values: StepValues) -> None:
+        """An iteration's losses and gradient norm, read from the device."""
 
     def after_train(self, state: TrainState) -> None:
         pass
@@ -253,8 +261,6 @@ class MetricsWriter(Hook):
         self._latest: dict[str, float] = {}
         self._window: dict[str, float] = {}
         self._values = 0  # iterations whose losses are in the window
-        self._lrs: dict[int, float] = {}  # each step's lr until its losses are read
-        self._last_lr = 0.0
         self._steps, self._data_s, self._ips = 0, 0.0, 0.0  # timing window, by steps run
         self._window_start = self._run_start = time.perf_counter()
 
@@ -264,23 +270,21 @@ class MetricsWriter(Hook):
     def after_step(self, state: TrainState, step: StepResult) -> None:
         self._steps += 1
         self._data_s += step.data_time
-        self._lrs[state.iteration] = self._last_lr = step.lr
         self._ips = self._steps * state.schedule.global_batch / max(time.perf_counter() - self._window_start, 1e-9)
         mem = memory_mb(state.device)
         self.log.progress({**self._latest, "lr": step.lr, "img/s": self._ips, "mem_mb": mem})
 
-    def after_values(
-        self, state: TrainState, iteration: int, losses: Mapping[str, float], grad_norm: float | None
-    ) -> None:
-        self._latest = dict(losses)
-        for k, v in [*losses.items(), *([("grad_norm", grad_norm)] if grad_norm is not None else [])]:
+    def after_values(self, state: TrainState, values: StepValues) -> None:
+        self._latest = dict(values.losses)
+        grad_norm = [("grad_norm", values.grad_norm)] if values.grad_norm is not None else []
+        for k, v in [*values.losses.items(), *grad_norm]:
             self._window[k] = self._window.get(k, 0.0) + v
         self._values += 1
-        lr = self._lrs.pop(iteration, self._last_lr)
+        iteration = values.iteration
         if iteration % state.cfg.train.log_period == 0 or iteration >= state.total_iters:
             self.last_logged = {k: v / self._values for k, v in self._window.items()}
             record = {
-                "lr": lr,
+                "lr": values.lr,
                 **self.last_logged,
                 "images_per_s": self._ips,
                 "data_time": self._data_s / max(self._steps, 1),

@@ -57,6 +57,7 @@ from megdet.engine.hooks import (
     PeriodicEvaluator,
     RunLog,
     StepResult,
+    StepValues,
     StopOnSignal,
     StopReporter,
 )
@@ -261,8 +262,9 @@ class Trainer:
             grad_norm = values[len(keys)] if len(values) > len(keys) else None
             if not all(math.isfinite(v) for v in losses.values()):
                 self._raise_non_finite(entry, losses)
+            step_values = StepValues(entry.iteration, entry.info[0], losses, grad_norm)
             for hook in self.hooks:
-                hook.after_values(self.state, entry.iteration, losses, grad_norm)
+                hook.after_values(self.state, step_values)
 
     def _raise_non_finite(self, entry: Pending, losses: Mapping[str, float]) -> None:
         from megdet.data.validate import describe_batch_data

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import pytest
 import torch
 from sync_counting import count_syncs
 
-from megdet.engine.hooks import Hook
+from megdet.engine.hooks import Hook, StepValues
 from megdet.engine.lagged import LaggedReader
 from megdet.engine.setup import build_train_state
 from megdet.engine.trainer import Trainer, forward_backward
@@ -32,8 +31,8 @@ class _Values(Hook):
     def __init__(self) -> None:
         self.seen: list[tuple[int, dict[str, float], float | None]] = []
 
-    def after_values(self, state, iteration: int, losses: Mapping[str, float], grad_norm: float | None) -> None:
-        self.seen.append((iteration, dict(losses), grad_norm))
+    def after_values(self, state, values: StepValues) -> None:
+        self.seen.append((values.iteration, values.losses, values.grad_norm))
 
 
 def test_a_trainer_step_waits_only_for_the_previous_steps_values(tiny_cfg) -> None:
