@@ -32,8 +32,7 @@ class Pending:
 class LaggedReader:
     """A queue of device vectors copied to the host without blocking; read oldest first."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self._queue: deque[Pending] = deque()
 
     def __len__(self) -> int:
@@ -51,11 +50,11 @@ class LaggedReader:
             host, event = values.clone(), None
         self._queue.append(Pending(iteration, host, event, info))
 
-    def pop(self, keep: int = 0) -> list[tuple[Pending, list[float]]]:
-        """Reads every entry but the newest ``keep``, oldest first, waiting for each copy's event
-        (only that step's work, not what was queued after it). Returns (entry, values) pairs."""
+    def pop(self) -> list[tuple[Pending, list[float]]]:
+        """Reads every entry, oldest first, waiting for each copy's event (only that step's work, not
+        what was queued after it). Returns (entry, values) pairs."""
         out = []
-        while len(self._queue) > keep:
+        while self._queue:
             entry = self._queue.popleft()
             if entry.event is not None:
                 entry.event.synchronize()

@@ -177,7 +177,7 @@ class Trainer:
     def __init__(self, state: TrainState, hooks: Sequence[Hook]) -> None:
         self.state = state
         self.hooks = list(hooks)
-        self.reader = LaggedReader(state.device)
+        self.reader = LaggedReader()
         self._loss_keys: list[str] | None = None
 
     def train(self) -> None:
@@ -241,7 +241,7 @@ class Trainer:
         data_time = time.perf_counter() - data_start
         losses = forward_backward(s.net, batches, device=s.device, amp=s.amp, scaler=s.scaler)
         stop = all_reduce_sum([1.0 if s.stop_signal else 0.0])[0] > 0
-        self._deliver(self.reader.pop())
+        self.settle()  # only the previous step is pending: its work is done, this step's is queued
         grad_norm = apply_update(s.optimizer, s.params, scaler=s.scaler, grad_clip=t.grad_clip)
         self._loss_keys = self._loss_keys or sorted(losses)
         values = [losses[k] for k in self._loss_keys] + ([grad_norm.float()] if grad_norm is not None else [])

@@ -14,16 +14,16 @@ from megdet.engine.setup import build_train_state
 from megdet.engine.trainer import Trainer, forward_backward
 
 
-def test_reader_returns_copies_oldest_first_and_keeps_the_newest() -> None:
-    reader = LaggedReader(torch.device("cpu"))
+def test_reader_returns_copies_oldest_first() -> None:
+    reader = LaggedReader()
     a = torch.tensor([1.0, 2.0])
     reader.push(1, a, info="one")
     a.add_(10)  # the values pushed are those of the moment of the push
     reader.push(2, torch.tensor([3.0, float("nan")]), info="two")
-    reader.push(3, torch.tensor([5.0, 6.0]))
-    read = reader.pop(keep=1)
+    read = reader.pop()
     assert [(e.iteration, e.info) for e, _ in read] == [(1, "one"), (2, "two")]
     assert read[0][1] == [1.0, 2.0] and read[1][1][0] == 3.0 and math.isnan(read[1][1][1])
+    reader.push(3, torch.tensor([5.0, 6.0]))
     assert len(reader) == 1 and [e.iteration for e, _ in reader.pop()] == [3] and reader.pop() == []
 
 
@@ -55,10 +55,10 @@ def test_a_trainer_step_waits_only_for_the_previous_steps_values(tiny_cfg) -> No
         real_pop = trainer.reader.pop
         with pytest.MonkeyPatch.context() as mp, count_syncs(mp) as step:
 
-            def pop_uncounted(keep: int = 0):
+            def pop_uncounted():
                 step.paused = True
                 try:
-                    return real_pop(keep)
+                    return real_pop()
                 finally:
                     step.paused = False
 
@@ -91,7 +91,7 @@ def test_a_trainer_step_waits_only_for_the_previous_steps_values(tiny_cfg) -> No
 @pytest.mark.cuda
 def test_reader_on_cuda_copies_without_blocking_and_reads_the_right_values() -> None:
     dev = torch.device("cuda")
-    reader = LaggedReader(dev)
+    reader = LaggedReader()
     x = torch.arange(4, dtype=torch.float32, device=dev)
     big = torch.randn(4096, 4096, device=dev)
     reader.push(1, x * 2)
